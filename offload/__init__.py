@@ -1,0 +1,1 @@
+"""CPU and NVMe offload engine used by zerokit's ZeRO engine."""

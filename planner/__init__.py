@@ -1,0 +1,1 @@
+"""MEMO memory planner: activation swap fraction and dynamic storage allocation plans."""

@@ -1,0 +1,229 @@
+"""The training engine returned by `zerokit.initialize`."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from zerokit.config import Config
+from zerokit.distributed import DistributedContext
+from zerokit.loss_scaler import LossScaler
+from zerokit.lr_schedules import build_scheduler
+from zerokit.optim import build_optimizer, repoint_optimizer
+from zerokit.zero.collectives import Collectives
+from zerokit.zero.flat_group import ShardingContext
+from zerokit.zero.materialize import build_unit, check_initializers, move_buffers, shared_seed
+from zerokit.zero.memory import GiB, check_fits
+from zerokit.zero.policy import ShardingPolicy
+from zerokit.zero.runtime import ShardingRuntime
+from zerokit.zero.streams import StreamSet
+from zerokit.zero.units import plan_units
+
+logger = logging.getLogger("zerokit")
+
+
+class Engine:
+    """Wraps a model for sharded training: `engine(batch)`, `engine.backward(loss)`, `engine.step()`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optional[torch.optim.Optimizer],
+        config: Config,
+        dist_ctx: DistributedContext,
+    ):
+        self.module = model
+        self.config = config
+        self.device = dist_ctx.device
+        self.rank = dist_ctx.rank
+        self.world_size = dist_ctx.world_size
+        self.global_step = 0  # accumulation boundaries passed (skipped fp16 steps included)
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self.grad_norm: Optional[torch.Tensor] = None  # global norm before clipping, when clipping
+
+        zero = config.zero_optimization
+        self._policy = ShardingPolicy.from_config(zero)
+        self._comm = Collectives(dist_ctx.group, self.rank, self.world_size)
+        sharded = self._policy.shard_optimizer
+        self._ctx = ShardingContext(
+            device=self.device,
+            compute_dtype=config.compute_dtype,
+            reduce_dtype=config.reduce_dtype,
+            num_shards=self.world_size if sharded else 1,
+            shard_index=self.rank if sharded else 0,
+            comm=self._comm,
+            streams=StreamSet(self.device, zero.overlap_comm),
+        )
+        specs = plan_units(model, zero.shard_unit_classes)
+        check_initializers(model, specs)
+        check_fits(specs, self._policy, self._ctx, zero.stage)
+        any_meta = any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers())
+        seed = shared_seed(self._ctx) if any_meta else 0
+        units = [build_unit(model, spec, self._ctx, self._policy, seed + i) for i, spec in enumerate(specs)]
+        move_buffers(model, self.device)
+        self._runtime = ShardingRuntime(units, self._policy, self._ctx.streams)
+        self._groups = [group for unit in units for group in unit.trainable_groups()]
+
+        pieces = {
+            id(group.slots[piece.slot_index].param): param
+            for group in self._groups
+            for piece, param in zip(group.pieces, group.optimizer_params)
+        }
+        if optimizer is not None:
+            self.optimizer = repoint_optimizer(optimizer, model.parameters(), pieces)
+        else:
+            self.optimizer = build_optimizer(config.optimizer, [{"params": list(pieces.values())}], self.device)
+        self.lr_scheduler = build_scheduler(config.scheduler, self.optimizer) if config.scheduler else None
+        self.loss_scaler = LossScaler(config.fp16) if config.fp16.enabled else None
+
+    # -- the training loop ---------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward; floating-point inputs are cast to the compute dtype."""
+        dtype = self._ctx.compute_dtype
+        if dtype != torch.float32:
+            cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+            args, kwargs = tree_map(cast, (args, kwargs))
+        with self._explain_oom("forward"):
+            return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of `loss` / gradient_accumulation_steps (times the fp16 loss scale), with
+        gradients reduced into this rank's shards."""
+        if loss.numel() != 1:
+            raise ValueError(f"engine.backward expects a scalar loss, got shape {tuple(loss.shape)}; reduce it first.")
+        scale = (self.loss_scaler.scale if self.loss_scaler else 1.0) / self.config.accumulation_steps
+        reduce = self._policy.reduce_every_backward or self.is_gradient_accumulation_boundary()
+        self._runtime.begin_backward(reduce=reduce)
+        with self._explain_oom("backward"):
+            loss.backward(torch.full_like(loss, scale)) if scale != 1.0 else loss.backward()
+            self._runtime.finish_backward()
+
+    def step(self) -> None:
+        """Call after every micro-batch: steps the optimizer (and clears gradients) at
+        accumulation boundaries only."""
+        if self._runtime.backward_pending:
+            raise RuntimeError(
+                "a forward ran whose backward did not go through the engine: call engine.backward(loss), "
+                "not loss.backward(), before engine.step()."
+            )
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return
+        with self._explain_oom("optimizer step"):
+            self._optimizer_step()
+        self.global_step += 1
+        if self.config.steps_per_print and self.global_step % self.config.steps_per_print == 0 and self.rank == 0:
+            lrs = [group["lr"] for group in self.optimizer.param_groups]
+            logger.info("step %d: lr %s, grad norm %s, skipped %d", self.global_step, lrs,
+                        None if self.grad_norm is None else f"{self.grad_norm.item():.4g}", self.skipped_steps)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.config.accumulation_steps == 0
+
+    def _optimizer_step(self) -> None:
+        grads = [group.grad_shard for group in self._groups if group.grad_shard is not None]
+        if self.loss_scaler is not None and self.loss_scaler.unscale_and_check(grads, self._comm, self.device):
+            self.skipped_steps += 1
+            for group in self._groups:
+                group.release_grads()
+            return
+        if self.config.gradient_clipping > 0:
+            self.grad_norm = self._clip(grads, self.config.gradient_clipping)
+        for group in self._groups:
+            group.attach_grads()
+        self.optimizer.step()
+        for group in self._groups:
+            group.release_grads()
+        self._runtime.refresh_parameters()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    def _clip(self, grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip by the global norm over all shards, as torch.nn.utils.clip_grad_norm_ does."""
+        if grads:
+            squares = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) ** 2
+        else:
+            squares = torch.zeros((), device=self.device)
+        if self._ctx.num_shards > 1:
+            self._comm.all_reduce(squares)
+        total = squares.sqrt()
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(coefficient)
+        return total
+
+    # -- conveniences --------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "Engine":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "Engine":
+        return self.train(False)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler else 1.0
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes this rank holds now for model states, by category."""
+        totals: collections.Counter[str] = collections.Counter()
+        for unit in self._runtime.units:
+            for group in unit.groups:
+                totals.update(group.memory_bytes())
+        totals["optimizer_states"] = sum(
+            value.numel() * value.element_size()
+            for state in self.optimizer.state.values()
+            for value in state.values()
+            if isinstance(value, torch.Tensor)
+        )
+        return dict(totals)
+
+    def full_state_dict(self, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+        """The whole model's state_dict on CPU, on every rank: parameters from the fp32 masters
+        (frozen ones in compute dtype) cast to `dtype` if given, buffers as they are. A collective:
+        call it on all ranks."""
+        values: dict[int, torch.Tensor] = {}
+        for unit in self._runtime.units:
+            for group in unit.groups:
+                for slot, value in zip(group.slots, group.full_values()):
+                    values[id(slot.param)] = value
+        state = {}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            value = values.get(id(tensor), tensor.detach())
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            state[name] = value.cpu() if value.device.type != "cpu" else value.clone()
+        return state
+
+    @contextlib.contextmanager
+    def _explain_oom(self, phase: str):
+        try:
+            yield
+        except torch.OutOfMemoryError as error:
+            held = self.memory_breakdown()
+            detail = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in held.items())
+            stage = self.config.zero_optimization.stage
+            advice = [
+                "lower train_micro_batch_size_per_gpu or the sequence length",
+                "checkpoint activations (torch.utils.checkpoint on each block)",
+            ]
+            if stage < 3:
+                advice.insert(0, f"raise zero_optimization.stage to {stage + 1}")
+            if self._policy.shard_parameters:
+                advice.append("lower stage3_prefetch_bucket_size")
+            raise torch.OutOfMemoryError(
+                f"{error}\nzerokit: out of memory during {phase} on rank {self.rank}; model states held: {detail}. "
+                f"To fit: {'; '.join(advice)}."
+            ) from error

@@ -1,0 +1,270 @@
+"""One flat, sharded buffer of parameters: the storage mechanism behind every ZeRO stage.
+
+[Note: flat layout]
+The parameters of a group are laid out one after another (each offset aligned) in a flat
+buffer padded to `num_shards * shard_numel` elements. Rank r owns elements
+[r*shard_numel, (r+1)*shard_numel). The model's own Parameter objects keep their identity and
+become views into the gathered buffer `full`; freeing that buffer's storage (stage 3) frees
+all of them at once, and all-gathering into it makes them valid again. The views are created
+with their own version counters, so writes into `full` never invalidate tensors that autograd
+saved for backward.
+
+The optimizer never sees the model's parameters: it steps one 1-D "piece" per parameter, the
+part of that parameter inside this rank's fp32 master shard (possibly empty, then omitted).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from zerokit.zero.collectives import Collectives
+from zerokit.zero.streams import StreamSet
+
+ALIGNMENT = 16  # elements: keeps every parameter view 32-byte aligned even in 16-bit dtypes
+
+
+class GroupState(enum.Enum):
+    SHARDED = "sharded"  # only this rank's shard exists
+    GATHERING = "gathering"  # all-gather queued on the gather stream
+    GATHERED = "gathered"  # full parameters usable on the compute stream
+
+
+@dataclass(frozen=True)
+class ShardingContext:
+    device: torch.device
+    compute_dtype: torch.dtype
+    reduce_dtype: torch.dtype
+    num_shards: int  # 1 when optimizer states are replicated (stage 0)
+    shard_index: int
+    comm: Collectives
+    streams: StreamSet
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    param: nn.Parameter
+    offset: int  # in the flat buffer
+    numel: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of one parameter inside this rank's shard, in shard coordinates."""
+
+    slot_index: int
+    start: int
+    stop: int
+
+
+def layout(params: list[tuple[str, nn.Parameter]], num_shards: int) -> tuple[list[Slot], int]:
+    """Slots of the parameters and the shard size in elements."""
+    slots, offset = [], 0
+    for name, param in params:
+        slots.append(Slot(name, param, offset, param.numel()))
+        offset += -(-param.numel() // ALIGNMENT) * ALIGNMENT
+    shard_numel = -(-max(offset, 1) // (num_shards * ALIGNMENT)) * ALIGNMENT
+    return slots, shard_numel
+
+
+@dataclass
+class PendingReduction:
+    """A reduction in flight; its buffers stay referenced until the compute stream waited on it."""
+
+    buffers: tuple[torch.Tensor, ...]
+    done: Optional[torch.cuda.Event]
+    numel: int
+
+
+class FlatParamGroup:
+    def __init__(
+        self,
+        slots: list[Slot],
+        shard_numel: int,
+        source: torch.Tensor,
+        ctx: ShardingContext,
+        *,
+        trainable: bool,
+        keep_gathered: bool,
+    ):
+        """`source` is the fp32 flat buffer holding every parameter's initial value (identical on
+        all ranks); the group keeps only what its policy needs and points the parameters at it."""
+        self.slots = slots
+        self.ctx = ctx
+        self.trainable = trainable
+        self.keep_gathered = keep_gathered
+        self.shard_numel = shard_numel
+        self.padded_numel = shard_numel * ctx.num_shards
+        start = ctx.shard_index * shard_numel
+        self._shard_range = (start, start + shard_numel)
+
+        compute = ctx.compute_dtype
+        # One fp32 buffer may serve as full params, master and gather source at once.
+        self.full = source if compute == torch.float32 else source.to(compute)
+        own = self.full[start : start + shard_numel]
+        if trainable:
+            aliased = compute == torch.float32 and keep_gathered
+            self.master = own if aliased else source[start : start + shard_numel].clone()
+            self._frozen_shard = None
+        else:
+            self.master = None
+            self._frozen_shard = None if keep_gathered else own.clone()
+        for slot in slots:
+            alias = torch.empty(0, dtype=compute, device=ctx.device).set_(
+                self.full.untyped_storage(), slot.offset, slot.param.shape
+            )
+            torch.utils.swap_tensors(slot.param, nn.Parameter(alias, requires_grad=slot.param.requires_grad))
+        self.state = GroupState.GATHERED
+        self._gathered_event = None
+        self.grad_shard: Optional[torch.Tensor] = None  # fp32, allocated by the first reduction
+        self.received_grad = [False] * len(slots)  # per slot, over the accumulation window
+        self.pieces = self._make_pieces() if trainable else []
+        if not keep_gathered:
+            self.reshard()
+
+    # -- parameters ----------------------------------------------------------------------------
+
+    @property
+    def numel(self) -> int:
+        return sum(slot.numel for slot in self.slots)
+
+    def gather(self) -> None:
+        """Queue the all-gather that makes the full parameters valid (no-op unless sharded)."""
+        if self.state is not GroupState.SHARDED:
+            return
+        streams = self.ctx.streams
+        # Allocated on the compute stream, which alone frees it: see streams.py.
+        self.full.untyped_storage().resize_(self.padded_numel * self.full.element_size())
+        with streams.side(streams.gather):
+            self.ctx.comm.all_gather(self.full, self._gather_source())
+            self._gathered_event = streams.record(streams.gather)
+        self.state = GroupState.GATHERING
+
+    def wait_gathered(self) -> None:
+        if self.state is GroupState.GATHERING:
+            self.ctx.streams.wait(self._gathered_event)
+            self._gathered_event = None
+            self.state = GroupState.GATHERED
+
+    def reshard(self) -> None:
+        """Free the full parameters (stage 3); they must be gathered before their next use."""
+        if self.keep_gathered or self.state is GroupState.SHARDED:
+            return
+        self.wait_gathered()
+        self.full.untyped_storage().resize_(0)
+        self.state = GroupState.SHARDED
+
+    def _gather_source(self) -> torch.Tensor:
+        if not self.trainable:
+            return self._frozen_shard
+        return self.master.to(self.ctx.compute_dtype)  # a no-op when the master is in compute dtype
+
+    def refresh(self) -> None:
+        """After an optimizer step: make gathered parameters equal the updated master shards."""
+        if not self.trainable or not self.keep_gathered:
+            return  # sharded groups gather from the master at their next use
+        streams = self.ctx.streams
+        start, stop = self._shard_range
+        own = self.full[start:stop]
+        with streams.side(streams.gather):
+            if own.data_ptr() != self.master.data_ptr():
+                own.copy_(self.master)
+            if self.ctx.num_shards > 1:
+                self.ctx.comm.all_gather(self.full, own)
+            self._gathered_event = streams.record(streams.gather)
+        self.state = GroupState.GATHERING
+
+    # -- gradients -----------------------------------------------------------------------------
+
+    def has_unreduced_grads(self) -> bool:
+        return any(slot.param.grad is not None for slot in self.slots)
+
+    def reduce_grads(self) -> PendingReduction:
+        """Move the parameters' gradients into a flat buffer and reduce it into `grad_shard`."""
+        ctx, streams = self.ctx, self.ctx.streams
+        world = ctx.comm.world_size
+        flat = torch.zeros(self.padded_numel, dtype=ctx.reduce_dtype, device=ctx.device)
+        for index, slot in enumerate(self.slots):
+            grad = slot.param.grad
+            if grad is not None:
+                flat[slot.offset : slot.offset + slot.numel].copy_(grad.reshape(-1))
+                slot.param.grad = None
+                self.received_grad[index] = True
+        # fp16 sums can overflow: divide before reducing; other dtypes divide after, exactly once.
+        predivide = ctx.reduce_dtype == torch.float16 and world > 1
+        if predivide:
+            flat.div_(world)
+        with streams.side(streams.reduce):
+            if ctx.num_shards > 1:
+                reduced = torch.empty(self.shard_numel, dtype=ctx.reduce_dtype, device=ctx.device)
+                ctx.comm.reduce_scatter(reduced, flat)
+            else:
+                ctx.comm.all_reduce(flat)
+                reduced = flat
+            scale = 1.0 if predivide else 1.0 / world
+            if self.grad_shard is None:
+                self.grad_shard = reduced.float() if reduced.dtype != torch.float32 else reduced
+                if scale != 1.0:
+                    self.grad_shard.mul_(scale)
+            else:
+                self.grad_shard.add_(reduced, alpha=scale)
+            done = streams.record(streams.reduce)
+        return PendingReduction((flat, reduced), done, self.padded_numel)
+
+    def attach_grads(self) -> None:
+        """Point each optimizer piece's .grad at its part of the reduced shard; parameters that
+        got no gradient in this accumulation window keep .grad None, as in plain PyTorch."""
+        for piece, param in zip(self.pieces, self.optimizer_params):
+            got = self.grad_shard is not None and self.received_grad[piece.slot_index]
+            param.grad = self.grad_shard[piece.start : piece.stop] if got else None
+
+    def release_grads(self) -> None:
+        for param in self.optimizer_params:
+            param.grad = None
+        self.grad_shard = None
+        self.received_grad = [False] * len(self.slots)
+
+    # -- optimizer view ------------------------------------------------------------------------
+
+    def _make_pieces(self) -> list[Piece]:
+        start, stop = self._shard_range
+        pieces = []
+        for index, slot in enumerate(self.slots):
+            lo, hi = max(slot.offset, start), min(slot.offset + slot.numel, stop)
+            if lo < hi:
+                pieces.append(Piece(index, lo - start, hi - start))
+        self.optimizer_params = [nn.Parameter(self.master[p.start : p.stop]) for p in pieces]
+        return pieces
+
+    def full_values(self) -> list[torch.Tensor]:
+        """Every parameter's current value, gathered in full (fp32 masters for trainable groups)."""
+        if self.trainable:
+            shard, flat = self.master, torch.empty(self.padded_numel, dtype=torch.float32, device=self.ctx.device)
+        elif self.keep_gathered:
+            shard, flat = None, self.full
+        else:
+            shard = self._frozen_shard
+            flat = torch.empty(self.padded_numel, dtype=self.ctx.compute_dtype, device=self.ctx.device)
+        if shard is not None:
+            if self.ctx.num_shards > 1:
+                self.ctx.comm.all_gather(flat, shard)
+            else:
+                flat.copy_(shard)
+        return [flat[s.offset : s.offset + s.numel].view(s.param.shape).clone() for s in self.slots]
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds now, by category (a buffer shared by two roles counts once)."""
+        full = self.full.untyped_storage().nbytes()
+        master = 0
+        if self.master is not None and self.master.untyped_storage().data_ptr() != self.full.untyped_storage().data_ptr():
+            master = self.master.numel() * self.master.element_size()
+        frozen = 0 if self._frozen_shard is None else self._frozen_shard.numel() * self._frozen_shard.element_size()
+        grads = 0 if self.grad_shard is None else self.grad_shard.numel() * self.grad_shard.element_size()
+        grads += sum(s.param.grad.numel() * s.param.grad.element_size() for s in self.slots if s.param.grad is not None)
+        return {"parameters": full + frozen, "master_weights": master, "gradients": grads}

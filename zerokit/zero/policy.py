@@ -1,0 +1,47 @@
+"""ZeRO stages as a policy of the one sharding mechanism.
+
+Every stage flattens each sharding unit's parameters into one padded buffer split evenly
+across ranks, reduces gradients into fp32 shards and steps the optimizer over those shards.
+The stage only decides three things:
+
+| stage | optimizer states | gradients reduced            | parameters between uses |
+|-------|------------------|------------------------------|-------------------------|
+| 0     | replicated       | all-reduce at the boundary   | gathered                |
+| 1     | sharded          | reduce-scatter at boundary   | gathered                |
+| 2     | sharded          | reduce-scatter every backward| gathered                |
+| 3     | sharded          | reduce-scatter every backward| sharded (freed)         |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zerokit.config import ZeroConfig
+
+
+@dataclass(frozen=True)
+class ShardingPolicy:
+    shard_optimizer: bool
+    # Reduce in every backward (gradients stay sharded between micro-steps) instead of letting
+    # unsharded gradients accumulate until the accumulation boundary.
+    reduce_every_backward: bool
+    shard_parameters: bool
+    # Stage 3: units smaller than this stay gathered.
+    persistence_threshold: int
+    prefetch_numel: int
+    max_live_numel: int
+    reduce_in_flight_numel: int
+
+    @classmethod
+    def from_config(cls, zero: ZeroConfig) -> "ShardingPolicy":
+        return cls(
+            shard_optimizer=zero.stage >= 1,
+            reduce_every_backward=zero.stage >= 2 and not zero.reduce_at_boundary_only,
+            shard_parameters=zero.stage == 3,
+            persistence_threshold=zero.stage3_param_persistence_threshold,
+            prefetch_numel=zero.stage3_prefetch_bucket_size,
+            max_live_numel=zero.stage3_max_live_parameters,
+            reduce_in_flight_numel=zero.reduce_bucket_size,
+        )
+
+    def keeps_gathered(self, unit_numel: int) -> bool:
+        return not self.shard_parameters or unit_numel < self.persistence_threshold
