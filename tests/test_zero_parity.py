@@ -3,8 +3,6 @@ the full batch: equal losses and final parameters (fp32, 1e-5), also with gradie
 accumulation, clipping, boundary-only reduction and an optimizer built from the config."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -51,45 +49,47 @@ def _config(zero: dict, accumulation: int, clipping: float) -> dict:
     }
 
 
-def _zerokit_runs(rank: int) -> dict:
+def train(engine: zerokit.Engine, rank: int, world_size: int, accumulation: int) -> tuple[list[float], dict, int]:
+    """STEPS optimizer steps; each rank takes its part of every global micro-batch."""
+    losses = []
+    share = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    for tokens, targets in batches(STEPS * accumulation, BATCH):
+        loss = lm_loss(engine(tokens[share].to(engine.device)), targets[share].to(engine.device))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses, engine.full_state_dict(), engine.global_step
+
+
+def zerokit_runs(rank: int, scenarios: dict = SCENARIOS, extra: dict | None = None) -> dict:
     results = {}
-    data = batches(STEPS * 2, BATCH)
-    for name, (zero, accumulation, clipping) in SCENARIOS.items():
+    for name, (zero, accumulation, clipping) in scenarios.items():
         torch.manual_seed(0)
         model = AwkwardLM()
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-        engine = zerokit.initialize(model, optimizer, _config(zero, accumulation, clipping))
-        losses = []
-        for tokens, targets in data[: STEPS * accumulation]:
-            half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-            loss = lm_loss(engine(tokens[half]), targets[half])
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        results[name] = (losses, engine.full_state_dict(), engine.global_step)
-    # optimizer from the config section instead of an instance
+        engine = zerokit.initialize(model, optimizer, {**_config(zero, accumulation, clipping), **(extra or {})})
+        results[name] = train(engine, rank, engine.world_size, accumulation)
+    return results
+
+
+def _with_config_optimizer(rank: int) -> dict:
+    results = zerokit_runs(rank)
     torch.manual_seed(0)
     config = _config({"stage": 2}, 1, 0.0)
     config["optimizer"] = {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.1}}
     engine = zerokit.initialize(AwkwardLM(), None, config)
-    losses = []
-    for tokens, targets in data[:STEPS]:
-        half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
-        loss = lm_loss(engine(tokens[half]), targets[half])
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    results["config_optimizer"] = (losses, engine.full_state_dict(), engine.global_step)
+    results["config_optimizer"] = train(engine, rank, engine.world_size, 1)
     return results
 
 
-def _reference_run(accumulation: int, clipping: float) -> tuple[list[float], dict]:
+def reference_run(accumulation: int, clipping: float, device: str = "cpu") -> tuple[list[float], dict]:
+    """Plain PyTorch, one process, the full batch."""
     torch.manual_seed(0)
-    model = AwkwardLM()
+    model = AwkwardLM().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     losses = []
-    for index, (tokens, targets) in enumerate(batches(STEPS * 2, BATCH)[: STEPS * accumulation]):
-        loss = lm_loss(model(tokens), targets)
+    for index, (tokens, targets) in enumerate(batches(STEPS * accumulation, BATCH)):
+        loss = lm_loss(model(tokens.to(device)), targets.to(device))
         (loss / accumulation).backward()
         losses.append(loss.item())
         if (index + 1) % accumulation == 0:
@@ -97,25 +97,29 @@ def _reference_run(accumulation: int, clipping: float) -> tuple[list[float], dic
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clipping)
             optimizer.step()
             optimizer.zero_grad()
-    return losses, copy.deepcopy(model.state_dict())
+    return losses, {k: v.cpu() for k, v in model.state_dict().items()}
+
+
+def assert_matches_reference(results: list[dict], name: str, device: str = "cpu", atol: float = 1e-5) -> None:
+    zero, accumulation, clipping = SCENARIOS.get(name, ({}, 1, 0.0))
+    ref_losses, ref_state = reference_run(accumulation, clipping, device)
+    world_size = len(results)
+    mean_losses = [sum(values) / world_size for values in zip(*(r[name][0] for r in results))]
+    assert mean_losses == pytest.approx(ref_losses, abs=atol)
+    assert ref_losses[-1] < ref_losses[0]  # training actually moved
+    for rank_result in results:
+        losses, state, global_step = rank_result[name]
+        assert global_step == STEPS
+        assert state.keys() == ref_state.keys()
+        for key, expected in ref_state.items():
+            torch.testing.assert_close(state[key], expected, rtol=0, atol=atol, msg=f"{name}: {key}")
 
 
 @pytest.fixture(scope="module")
 def world_results() -> list[dict]:
-    return run_world(_zerokit_runs, 2)
+    return run_world(_with_config_optimizer, 2)
 
 
 @pytest.mark.parametrize("name", [*SCENARIOS, "config_optimizer"])
 def test_matches_plain_pytorch(world_results: list[dict], name: str) -> None:
-    zero, accumulation, clipping = SCENARIOS.get(name, ({}, 1, 0.0))
-    ref_losses, ref_state = _reference_run(accumulation, clipping)
-    rank_losses = [world_results[rank][name][0] for rank in range(2)]
-    mean_losses = [(a + b) / 2 for a, b in zip(*rank_losses)]
-    assert mean_losses == pytest.approx(ref_losses, abs=1e-5)
-    assert ref_losses[-1] < ref_losses[0]  # training actually moved
-    for rank in range(2):
-        losses, state, global_step = world_results[rank][name]
-        assert global_step == STEPS
-        assert state.keys() == ref_state.keys()
-        for key, expected in ref_state.items():
-            torch.testing.assert_close(state[key], expected, rtol=0, atol=1e-5, msg=f"{name}: {key}")
+    assert_matches_reference(world_results, name)

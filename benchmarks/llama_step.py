@@ -1,0 +1,215 @@
+"""Training-step throughput and peak memory of one system on a Llama-style model.
+
+Protocol (same for every system): a `transformers.LlamaConfig` decoder with random init (seeded,
+identical weights for all systems), SDPA attention, bf16 compute with fp32 master weights,
+AdamW(lr 1e-4, betas 0.9/0.95), gradient clipping 1.0, random token batches; 3 warm-up steps then
+8 timed steps. tok/s/GPU = micro_batch x seq / step time; TFLOPs = (6 N + 12 L h s) tokens / time;
+peak = torch.cuda.max_memory_allocated() over the timed steps, max over ranks.
+
+    torchrun --nproc-per-node 2 benchmarks/llama_step.py --system zerokit-3 --model 0.95b
+
+Prints one JSON line (rank 0) with the figures and the per-step losses (mean over ranks).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+MODELS = {
+    # hidden, intermediate, layers, heads
+    "tiny": (64, 176, 2, 4),
+    "0.95b": (2048, 5632, 16, 16),
+    "2.7b": (2560, 6912, 32, 20),
+}
+SYSTEMS = ("zerokit-1", "zerokit-2", "zerokit-3", "fsdp2", "ddp", "deepspeed-1", "deepspeed-2", "deepspeed-3")
+
+
+def build_model(name: str, device: torch.device, checkpointing: bool) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, intermediate, layers, heads = MODELS[name]
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=32000,
+        max_position_embeddings=131072,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with device:
+        model = LlamaForCausalLM(config)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def make_optimizer(params, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, **({"fused": True} if fused else {}))
+
+
+class Runner:
+    """forward+backward+step of one system, behind one `train_step(tokens) -> loss`."""
+
+    def __init__(self, system: str, model: torch.nn.Module, micro_batch: int, device: torch.device):
+        self.system = system
+        kind, _, stage = system.partition("-")
+        if kind == "zerokit":
+            import zerokit
+
+            config = {
+                "train_micro_batch_size_per_gpu": micro_batch,
+                "gradient_clipping": 1.0,
+                "bf16": {"enabled": True},
+                "zero_optimization": {"stage": int(stage)},
+            }
+            self.engine = zerokit.initialize(model, make_optimizer(model.parameters(), fused=True), config)
+            self.step = self._zerokit_step
+        elif kind == "deepspeed":
+            import deepspeed
+
+            config = {
+                "train_micro_batch_size_per_gpu": micro_batch,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": 1.0,
+                "bf16": {"enabled": True},
+                "zero_optimization": {"stage": int(stage)},
+                "steps_per_print": 10**9,
+            }
+            optimizer = make_optimizer(model.parameters(), fused=True)
+            self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+            self.step = self._deepspeed_step
+        elif kind == "fsdp2":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for layer in model.model.layers:
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            self.model = model
+            self.optimizer = make_optimizer(model.parameters(), fused=True)
+            self.step = self._plain_step
+            self.autocast = contextlib.nullcontext
+        elif kind == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(model.to(device), device_ids=[device.index])
+            self.optimizer = make_optimizer(model.parameters(), fused=True)
+            self.step = self._plain_step
+            self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        else:
+            raise SystemExit(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+
+    def _zerokit_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        loss = self.engine(input_ids=tokens, labels=tokens).loss
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def _deepspeed_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        loss = self.engine(input_ids=tokens, labels=tokens).loss
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def _plain_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            loss = self.model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--system", required=True, choices=SYSTEMS)
+    parser.add_argument("--model", default="0.95b", choices=sorted(MODELS))
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--profile", help="write a torch.profiler trace of two timed steps to this folder")
+    args = parser.parse_args()
+
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    torch.cuda.set_device(device)
+    # Every system starts from the same weights: built on the GPU under one seed.
+    model = build_model(args.model, device, args.activation_checkpointing)
+    n_params = sum(p.numel() for p in model.parameters())
+    hidden, _, layers, _ = MODELS[args.model]
+    runner = Runner(args.system, model, args.micro_batch, device)
+    del model
+    torch.cuda.empty_cache()
+
+    def batch(step: int) -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(1000 * step + rank)
+        return torch.randint(0, 32000, (args.micro_batch, args.seq), device=device, generator=generator)
+
+    losses = []
+    for step in range(args.warmup):
+        losses.append(runner.step(batch(step)))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    dist.barrier()
+    profiler = contextlib.nullcontext()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        profiler = profile(
+            activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+            schedule=schedule(wait=args.steps - 2, warmup=0, active=2),
+            on_trace_ready=lambda p: p.export_chrome_trace(os.path.join(args.profile, f"{args.system}-rank{rank}.json")),
+        )
+    start = time.perf_counter()
+    with profiler as prof:
+        for step in range(args.warmup, args.warmup + args.steps):
+            losses.append(runner.step(batch(step)))
+            if args.profile:
+                prof.step()
+    torch.cuda.synchronize()
+    step_time = (time.perf_counter() - start) / args.steps
+
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device)], dtype=torch.float64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    mean_losses = torch.stack(losses).float()
+    dist.all_reduce(mean_losses)
+    mean_losses /= world
+    tokens = args.micro_batch * args.seq
+    if rank == 0:
+        result = {
+            "system": args.system,
+            "gpus": world,
+            "gpu": torch.cuda.get_device_name(device),
+            "model": args.model,
+            "params": n_params,
+            "seq": args.seq,
+            "micro_batch": args.micro_batch,
+            "activation_checkpointing": args.activation_checkpointing,
+            "step_s": round(step_time, 4),
+            "tok_s_gpu": round(tokens / step_time),
+            "tflops_gpu": round((6 * n_params + 12 * layers * hidden * args.seq) * tokens / step_time / 1e12, 1),
+            "peak_gib": round(peak.item() / 2**30, 2),
+            "losses": [round(x, 4) for x in mean_losses.tolist()],
+            "torch": torch.__version__,
+        }
+        print(json.dumps(result), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
