@@ -32,6 +32,11 @@ class AwkwardLM(nn.Module):
         self.head.weight = self.embed.weight
         self.register_buffer("scale", torch.tensor(0.5))
 
+    def reset_parameters(self) -> None:
+        """Initializes this module's own parameter and buffer (used when built on the meta device)."""
+        nn.init.normal_(self.odd, std=0.1)
+        self.scale.fill_(0.5)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens)
         for block in self.blocks:

@@ -42,6 +42,7 @@ def build_unit(
         trainable: [(name, p) for name, p in spec.params if p.requires_grad == trainable] for trainable in (True, False)
     }
     keep_gathered = policy.keeps_gathered(sum(p.numel() for _, p in spec.params))
+    needs_init = [m for m in spec.init_modules if _has_meta_state(m)]  # before meta tensors get storage
     plans = []
     for trainable, params in by_kind.items():
         if not params:
@@ -56,7 +57,6 @@ def build_unit(
                 source[slot.offset : slot.offset + slot.numel].copy_(slot.param.detach().reshape(-1))
         plans.append((trainable, slots, shard_numel, source))
 
-    needs_init = [m for m in spec.init_modules if _has_meta_state(m)] if _any_meta(spec) else []
     if needs_init:
         _run_initializers(model, needs_init, ctx, seed)
     else:
@@ -80,10 +80,6 @@ def move_buffers(model: nn.Module, device: torch.device) -> None:
                 )
             if buffer.device != device:
                 torch.utils.swap_tensors(buffer, buffer.to(device))
-
-
-def _any_meta(spec: UnitSpec) -> bool:
-    return any(p.is_meta for _, p in spec.params) or any(_has_meta_state(m) for m in spec.init_modules)
 
 
 def _has_meta_state(module: nn.Module) -> bool:
