@@ -88,8 +88,8 @@ def _has_meta_state(module: nn.Module) -> bool:
 
 
 def _initializer(model: nn.Module, module: nn.Module):
-    # Hugging Face models initialize every submodule (rotary buffers included) through the
-    # root's _init_weights; plain torch modules through their own reset_parameters.
+    # A root with `config` and `_init_weights(module)` (Hugging Face's convention) initializes
+    # every submodule, rotary buffers included; other modules use their own reset_parameters.
     if callable(getattr(model, "_init_weights", None)) and hasattr(model, "config"):
         return lambda: model._init_weights(module)
     if callable(getattr(module, "reset_parameters", None)):
