@@ -56,7 +56,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["zerokit", "zerokit.*", "offload", "offload.*", "planner", "planner.*"]),
-    package_data={"zerokit": ["csrc/*"]},
     install_requires=[
         "torch>=2.6,<3",
         "pulp>=2.8",
@@ -65,7 +64,7 @@ setup(
         "nvidia-ml-py>=12",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.10", "matplotlib>=3.7"],
         "hf": ["transformers>=4.45"],
         "deepspeed": ["deepspeed>=0.14"],
     },
