@@ -38,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--meta-init", action="store_true", help="build the model on the meta device; ranks materialize shards")
     parser.add_argument("--checkpoint-activations", action="store_true", help="recompute each block in backward")
+    parser.add_argument("--wtacrs", type=float, metavar="KEEP", help="WTA-CRS linear layers keeping this fraction of rows")
     parser.add_argument("--log-every", type=int, default=10)
     return parser.parse_args()
 
@@ -66,6 +67,7 @@ def main() -> None:
         "bf16": {"enabled": args.precision == "bf16"},
         "fp16": {"enabled": args.precision == "fp16"},
         "zero_optimization": {"stage": args.stage},
+        **({"wtacrs": {"keep_ratio": args.wtacrs}} if args.wtacrs else {}),
     })
     rank, world, device = engine.rank, engine.world_size, engine.device
     model.checkpoint_blocks = args.checkpoint_activations

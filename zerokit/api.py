@@ -1,6 +1,7 @@
 """`zerokit.initialize`: the one entry point of a training script."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping, Optional, Union
 
@@ -10,6 +11,7 @@ from torch import nn
 from zerokit.config import Config, ConfigError
 from zerokit.distributed import setup_distributed
 from zerokit.engine import Engine
+from zerokit.nn import convert_to_wtacrs
 from zerokit.optim import check_optimizer
 
 
@@ -33,4 +35,7 @@ def initialize(
         check_optimizer(optimizer)
     dist_ctx = setup_distributed()
     config = config.resolve_batch(dist_ctx.world_size)
+    if config.wtacrs is not None:
+        # Before the engine hooks the modules: conversion replaces module objects, keeping parameters.
+        convert_to_wtacrs(model, **dataclasses.asdict(config.wtacrs))
     return Engine(model, optimizer, config, dist_ctx)

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from zerokit.nn.config import WTACRSConfig
+
 logger = logging.getLogger("zerokit")
 
 
@@ -122,6 +124,8 @@ class Config:
     optimizer: Optional[OptimizerConfig] = None
     scheduler: Optional[SchedulerConfig] = None
     zero_optimization: ZeroConfig = field(default_factory=ZeroConfig)
+    # zerokit: WTA-CRS linear layers (sampled activations for the weight gradient)
+    wtacrs: Optional[WTACRSConfig] = None
 
     def __post_init__(self):
         if self.fp16.enabled and self.bf16.enabled:
@@ -289,7 +293,14 @@ def _build(cls, data: Mapping[str, Any], prefix: str):
                 continue
             raise _unknown_key_error(key, [prefix + n for n in sorted(names)])
         kwargs[raw_key] = _convert(hints[raw_key], value, key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a section's own validation
+        section = prefix.rstrip(".") or "config"
+        message = str(error) if str(error).startswith(section) else f"{section}: {error}"
+        raise ConfigError(message) from None
 
 
 def _convert(hint, value: Any, key: str):

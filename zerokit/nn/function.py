@@ -1,0 +1,103 @@
+"""Autograd function of a WTA-CRS linear layer: exact forward and ∇H, sampled ∇W."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from zerokit.nn.sampling import row_budget, sample_rows, sampling_mass
+
+BackwardObserver = Callable[[Tensor], None]
+
+
+class KeptRows(NamedTuple):
+    """What a WTA-CRS layer saves of its input: distinct rows, their row indices and weights."""
+
+    rows: Tensor  # (kept, in_features), the input's dtype
+    indices: Tensor  # (kept,) int64
+    weights: Tensor  # (kept,) float32
+
+
+# Half-precision rows are widened to float32 a slice at a time: a full float32 copy of a layer
+# input would cost twice the memory the sample saves.
+_WIDEN_ELEMENTS = 1 << 22
+
+
+def _slices(rows: Tensor) -> int:
+    return max(1, _WIDEN_ELEMENTS // max(rows.shape[1], 1))
+
+
+def row_norms(rows: Tensor) -> Tensor:
+    """Per-row 2-norms in at least float32 (a half-precision norm would overflow or round)."""
+    dtype = torch.promote_types(rows.dtype, torch.float32)
+    if rows.dtype == dtype or rows.shape[0] == 0:
+        return torch.linalg.vector_norm(rows, dim=1, dtype=dtype)
+    return torch.cat([torch.linalg.vector_norm(part, dim=1, dtype=dtype) for part in rows.split(_slices(rows))])
+
+
+def weighted_rows(rows: Tensor, weights: Tensor) -> Tensor:
+    """rows · weights[:, None], multiplied in float32 and rounded once to the rows' dtype."""
+    if torch.promote_types(rows.dtype, torch.float32) == rows.dtype:
+        return rows * weights.to(rows.dtype).unsqueeze(1)
+    out = torch.empty_like(rows)
+    step = _slices(rows)
+    for part, source, weight in zip(out.split(step), rows.split(step), weights.split(step)):
+        part.copy_(source.to(torch.float32) * weight.unsqueeze(1))
+    return out
+
+
+@torch.no_grad()
+def keep_rows(input: Tensor, keep_ratio: float, seed: int, grad_norms: Optional[Tensor]) -> KeptRows:
+    """Sample the rows of ``input`` (leading dimensions flattened) by WTA-CRS with a seeded generator."""
+    rows = input.reshape(-1, input.shape[-1])
+    if rows.shape[0] == 0:
+        indices = torch.empty(0, dtype=torch.int64, device=input.device)
+        return KeptRows(rows, indices, indices.to(torch.float32))
+    generator = torch.Generator(device=input.device)
+    generator.manual_seed(seed)
+    mass = sampling_mass(row_norms(rows), grad_norms)
+    indices, weights = sample_rows(mass, row_budget(keep_ratio, rows.shape[0]), generator)
+    kept = rows if indices.numel() == rows.shape[0] else rows.index_select(0, indices)
+    return KeptRows(kept, indices, weights)
+
+
+class WTACRSLinearFunction(torch.autograd.Function):
+    """Z = H Wᵀ + b saving only ``kept`` rows of H for ∇W = Σ_i w_i ∇Z_iᵀ H_i.
+
+    W is saved as given (the parameter itself outside autocast), never copied, so a parameter
+    whose storage is freed after forward and gathered again before backward works.
+    ``observe_backward`` receives the exact ∇Z rows in backward (for the gradient-norm cache).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        input: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        kept: KeptRows,
+        observe_backward: Optional[BackwardObserver],
+    ) -> Tensor:
+        ctx.input_shape = input.shape
+        ctx.observe_backward = observe_backward
+        ctx.save_for_backward(weight, *kept)
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        weight, kept_rows, kept_indices, kept_weights = ctx.saved_tensors
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = (grad_rows @ weight).view(ctx.input_shape)
+        if ctx.needs_input_grad[1]:
+            # The weights scale H's rows (not ∇Z's): in the fallback p ∝ ‖H_i‖ the scaled rows all
+            # have about the same norm, so half precision cannot overflow there.
+            grad_weight = grad_rows.index_select(0, kept_indices).t() @ weighted_rows(kept_rows, kept_weights)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)
+        if ctx.observe_backward is not None:
+            ctx.observe_backward(grad_rows)
+        return grad_input, grad_weight, grad_bias, None, None

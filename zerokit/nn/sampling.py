@@ -1,0 +1,111 @@
+"""Winner-take-all column-row sampling (WTA-CRS): which rows of a layer input to keep.
+
+For Z = H Wᵀ the weight gradient is a sum of per-row outer products, ∇W = Σ_i ∇Z_iᵀ H_i.
+WTA-CRS keeps a budget of k rows: the |C| rows of largest probability ("winners") exactly, and
+k − |C| rows drawn i.i.d. from the others, each reweighted so the estimate stays unbiased.
+
+[Note: unbiasedness]
+Let p_i > 0 for every row that can contribute (H_i ≠ 0), P_C the mass of the winners and
+R the other rows with positive mass, P_R = Σ_R p_j. The estimate is
+    Σ_{i∈C} g_i + (1/k_s) Σ_{t=1..k_s} g_{j_t} P_R / p_{j_t},   j_t ~ p_j / P_R i.i.d.,
+with g_i = ∇Z_iᵀ H_i. Each draw has expectation Σ_{j∈R} (p_j/P_R) g_j P_R / p_j = Σ_R g_j, so
+the estimate has expectation Σ_C g_i + Σ_R g_j = ∇W (rows outside C ∪ R have H_i = 0, g_i = 0).
+This holds for any C chosen before the draws and any positive p, so it holds in every branch:
+whatever the cached gradient norms are (stale, missing, zero), ties, k = 1, or all rows winners.
+Merging duplicate draws (summing their weights) changes nothing in the sum. p is a function of
+the forward input and of norms cached in earlier steps, never of the draws or of this step's ∇Z,
+so the choice of C does not depend on the randomness either. |C| = k (no draws) is only taken
+when at most k rows have positive mass, and then the estimate is the exact sum.
+
+Choice of |C| (as published): with q_c the cumulative mass of the c largest p (q_0 = 0), take
+|C| = argmin_c (1 − q_c)/(k − c) over c = 0 … k−1; the rule "|C| = 0 when the minimum over
+c ≥ 1 exceeds 1/k" is the same thing up to exact ties, since the c = 0 term is exactly 1/k.
+
+Everything here runs on the device of its inputs with a single host synchronisation (the
+data-dependent number of distinct rows kept), in float64 so products of norms cannot underflow.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+# A row whose norm is inf/nan becomes a winner: it reaches ∇W exactly as in exact training, so
+# an overflow is seen by loss scalers instead of being hidden (or crashing the sampler).
+_NONFINITE_ROW_MASS = 1e300
+
+
+class RowSample(NamedTuple):
+    """Distinct rows kept for the weight gradient and the weight of each (1 for winners)."""
+
+    indices: Tensor  # int64, ascending
+    weights: Tensor  # float32
+
+
+def row_budget(keep_ratio: float, rows: int) -> int:
+    """k = ceil(keep_ratio · rows), at least 1 and at most rows (exact for decimal ratios like 0.3)."""
+    if rows == 0:
+        return 0
+    return min(rows, max(1, math.ceil(Fraction(repr(keep_ratio)) * rows)))
+
+
+def sampling_mass(input_norms: Tensor, grad_norms: Optional[Tensor]) -> Tensor:
+    """Unnormalised p_i ∝ ‖H_i‖·‖∇Z_i‖ in float64.
+
+    ``grad_norms`` are cached per-row ‖∇Z_i‖; rows without a usable one (missing, zero or not
+    finite) get the mean of the usable ones, and with none usable p_i ∝ ‖H_i‖. Any positive
+    stand-in keeps the estimate unbiased; a typical value keeps its variance low.
+    """
+    mass = input_norms.to(torch.float64)
+    if grad_norms is not None:
+        grad = grad_norms.to(torch.float64)
+        usable = torch.isfinite(grad) & (grad > 0)
+        count = usable.sum()
+        typical = torch.where(count > 0, torch.where(usable, grad, 0.0).sum() / count.clamp(min=1), 1.0)
+        mass = mass * torch.where(usable, grad, typical)
+    return torch.where(torch.isfinite(mass), mass, _NONFINITE_ROW_MASS)
+
+
+def sample_rows(mass: Tensor, k: int, generator: Optional[torch.Generator] = None) -> RowSample:
+    """Choose rows by WTA-CRS for unnormalised row masses ``mass`` (≥ 0) and budget ``k``.
+
+    At most k distinct rows are returned; see [Note: unbiasedness] for why Σ w_i g_i over them
+    is an unbiased estimate of Σ_i g_i for every row term g_i that vanishes where mass is 0.
+    """
+    n = mass.numel()
+    if mass.dim() != 1 or not 1 <= k <= max(n, 1):
+        raise ValueError(f"sample_rows needs a 1-D mass and 1 <= k <= len(mass); got shape {tuple(mass.shape)}, k={k}")
+    device = mass.device
+    mass = mass.to(torch.float64)
+    positive = mass > 0
+    positive_rows = positive.sum()
+
+    top_mass, top_rows = torch.topk(mass, k, sorted=True)
+    total = mass.sum()
+    mass_before = torch.cumsum(top_mass, 0) - top_mass  # q_c for c = 0 … k−1
+    choices = torch.arange(k, device=device)
+    best_winners = torch.argmin((total - mass_before) / (k - choices))
+    # At most k rows with positive mass: keep them all, nothing is left to sample (exact).
+    winners = torch.where(positive_rows <= k, positive_rows, best_winners)
+
+    is_winner = torch.zeros(n, dtype=torch.bool, device=device)
+    is_winner[top_rows] = choices < winners
+    rest_mass = mass.masked_fill(is_winner, 0.0)
+    cdf = torch.cumsum(rest_mass, 0)
+    rest_total = cdf[-1]
+    draws_wanted = k - winners
+
+    # Inverse-CDF draws below P_R: a zero-mass row has an empty interval and is never drawn.
+    uniforms = torch.rand(k, dtype=torch.float64, device=device, generator=generator)
+    targets = torch.minimum(uniforms * rest_total, torch.nextafter(rest_total, rest_total.new_zeros(())))
+    drawn = torch.searchsorted(cdf, targets, right=True).clamp_(max=n - 1)  # n only when P_R = 0 (unused)
+    valid = (choices < draws_wanted) & (rest_total > 0)
+    counts = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, drawn, valid.to(torch.float64))
+
+    draw_weight = (counts * rest_total / (draws_wanted.clamp(min=1) * mass)).masked_fill_(counts == 0, 0.0)
+    weights = draw_weight + is_winner
+    kept = torch.nonzero(weights > 0).squeeze(1)  # the one host synchronisation
+    return RowSample(kept, weights.index_select(0, kept).to(torch.float32))
