@@ -66,8 +66,8 @@ def repoint_optimizer(
     return optimizer
 
 
-def build_optimizer(config: OptimizerConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """An optimizer from a DeepSpeed-style `optimizer` section."""
+def build_optimizer(config: OptimizerConfig, params: list, device: torch.device) -> torch.optim.Optimizer:
+    """An optimizer from a DeepSpeed-style `optimizer` section over `params` (tensors or groups)."""
     kind = config.type.lower()
     kwargs = dict(config.params)
     if kind == "adam":

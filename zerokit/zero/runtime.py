@@ -132,9 +132,11 @@ class ShardingRuntime:
 
     def _pre_backward(self, unit: ShardedUnit, grad: torch.Tensor) -> None:
         unit.gather()
-        if not unit.is_root:
-            position = max(i for i, u in enumerate(self.forward_order) if u is unit) if unit in self.forward_order else 0
-            self._prefetch([u for u in reversed(self.forward_order[:position]) if not u.backward_done])
+        # Backward visits units in reverse forward order: prefetch the ones run before this one
+        # (for the root, whose backward starts first, the last ones).
+        positions = [i for i, u in enumerate(self.forward_order) if u is unit]
+        earlier = self.forward_order if unit.is_root else self.forward_order[: positions[-1]] if positions else []
+        self._prefetch([u for u in reversed(earlier) if not u.backward_done])
         unit.wait_gathered()
 
     def _on_grad(self, unit: ShardedUnit, param: torch.Tensor) -> None:
