@@ -94,12 +94,13 @@ def test_saves_only_sampled_rows_indices_and_weights(dtype):
     others = [t for t in saved if t is not layer.weight]
     rows, indices, weights = others
     kept = indices.numel()
-    assert 0 < kept <= row_budget(0.3, 200) == 60
+    assert kept == row_budget(0.3, 200) == 60
     assert rows.shape == (kept, 32) and rows.dtype == dtype
     assert indices.dtype == torch.int64 and weights.shape == (kept,) and weights.dtype == torch.float32
     saved_bytes = sum(t.numel() * t.element_size() for t in others)
     assert saved_bytes == kept * (32 * x.element_size() + 8 + 4)
-    assert saved_bytes < 0.35 * x.numel() * x.element_size()
+    # 12 bytes of index and weight per kept row on top of its data (64 bytes at this tiny width)
+    assert saved_bytes <= 0.3 * x.numel() * x.element_size() * (1 + 12 / (32 * x.element_size()))
     torch.testing.assert_close(rows, x.detach().reshape(-1, 32)[indices])
 
 

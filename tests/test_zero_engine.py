@@ -136,3 +136,17 @@ def test_user_optimizer_instance_is_kept() -> None:
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
         p.numel() for p in decay + no_decay)  # a world of one owns every element
+
+
+def test_dropping_the_engine_frees_the_model() -> None:
+    import gc
+    import weakref
+
+    engine = _engine({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    model = weakref.ref(engine.module)
+    tokens, targets = batches(1, 2)[0]
+    engine.backward(lm_loss(engine(tokens), targets))
+    engine.step()
+    del engine
+    gc.collect()
+    assert model() is None  # no hook keeps the model (and its GPU memory) alive

@@ -55,12 +55,15 @@ def keep_rows(input: Tensor, keep_ratio: float, seed: int, grad_norms: Optional[
     if rows.shape[0] == 0:
         indices = torch.empty(0, dtype=torch.int64, device=input.device)
         return KeptRows(rows, indices, indices.to(torch.float32))
+    budget = row_budget(keep_ratio, rows.shape[0])
+    if budget == rows.shape[0]:  # every row kept: the exact gradient, no sampling
+        indices = torch.arange(budget, device=input.device)
+        return KeptRows(rows, indices, torch.ones(budget, dtype=torch.float32, device=input.device))
     generator = torch.Generator(device=input.device)
     generator.manual_seed(seed)
     mass = sampling_mass(row_norms(rows), grad_norms)
-    indices, weights = sample_rows(mass, row_budget(keep_ratio, rows.shape[0]), generator)
-    kept = rows if indices.numel() == rows.shape[0] else rows.index_select(0, indices)
-    return KeptRows(kept, indices, weights)
+    indices, weights = sample_rows(mass, budget, generator)
+    return KeptRows(rows.index_select(0, indices), indices, weights)
 
 
 class WTACRSLinearFunction(torch.autograd.Function):

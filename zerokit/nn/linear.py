@@ -33,14 +33,13 @@ def _saved_by_its_producer(input: Tensor) -> bool:
 
     ReLU, tanh, sigmoid and softmax keep their result, fused attention kernels their output: a
     layer reading such a tensor saves it in full at no extra cost, whereas a sample would be
-    extra memory. Only attribute names are read, so no saved tensor is unpacked.
+    extra memory. Only attributes' presence is checked, so no saved tensor is unpacked.
     """
     source = input if input._base is None else input._base
     node = source.grad_fn
     if node is None:
         return False
-    saved = {name for name in dir(node) if name.startswith("_saved_")}
-    return "_saved_result" in saved or (source.output_nr == 0 and "_saved_output" in saved)
+    return hasattr(node, "_saved_result") or (source.output_nr == 0 and hasattr(node, "_saved_output"))
 
 
 class WTACRSLinear(nn.Linear):

@@ -12,7 +12,8 @@ with g_i = ∇Z_iᵀ H_i. Each draw has expectation Σ_{j∈R} (p_j/P_R) g_j P_R
 the estimate has expectation Σ_C g_i + Σ_R g_j = ∇W (rows outside C ∪ R have H_i = 0, g_i = 0).
 This holds for any C chosen before the draws and any positive p, so it holds in every branch:
 whatever the cached gradient norms are (stale, missing, zero), ties, k = 1, or all rows winners.
-Merging duplicate draws (summing their weights) changes nothing in the sum. p is a function of
+A row drawn twice is kept twice (the sum is the same as with merged weights, and a fixed count
+of k rows needs no host synchronisation to size the saved tensor). p is a function of
 the forward input and of norms cached in earlier steps, never of the draws or of this step's ∇Z,
 so the choice of C does not depend on the randomness either. |C| = k (no draws) is only taken
 when at most k rows have positive mass, and then the estimate is the exact sum.
@@ -21,8 +22,8 @@ Choice of |C| (as published): with q_c the cumulative mass of the c largest p (q
 |C| = argmin_c (1 − q_c)/(k − c) over c = 0 … k−1; the rule "|C| = 0 when the minimum over
 c ≥ 1 exceeds 1/k" is the same thing up to exact ties, since the c = 0 term is exactly 1/k.
 
-Everything here runs on the device of its inputs with a single host synchronisation (the
-data-dependent number of distinct rows kept), in float64 so products of norms cannot underflow.
+Everything here runs on the device of its inputs without a host synchronisation, in float64 so
+products of norms cannot underflow.
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ _NONFINITE_ROW_MASS = 1e300
 
 
 class RowSample(NamedTuple):
-    """Distinct rows kept for the weight gradient and the weight of each (1 for winners)."""
+    """k rows kept for the weight gradient and the weight of each (1 for winners, 0 for spare
+    slots); a row drawn twice appears twice."""
 
-    indices: Tensor  # int64, ascending
+    indices: Tensor  # int64, k of them
     weights: Tensor  # float32
 
 
@@ -72,8 +74,8 @@ def sampling_mass(input_norms: Tensor, grad_norms: Optional[Tensor]) -> Tensor:
 def sample_rows(mass: Tensor, k: int, generator: Optional[torch.Generator] = None) -> RowSample:
     """Choose rows by WTA-CRS for unnormalised row masses ``mass`` (≥ 0) and budget ``k``.
 
-    At most k distinct rows are returned; see [Note: unbiasedness] for why Σ w_i g_i over them
-    is an unbiased estimate of Σ_i g_i for every row term g_i that vanishes where mass is 0.
+    Exactly k (index, weight) slots are returned; see [Note: unbiasedness] for why Σ w_i g_i over
+    them is an unbiased estimate of Σ_i g_i for every row term g_i that vanishes where mass is 0.
     """
     n = mass.numel()
     if mass.dim() != 1 or not 1 <= k <= max(n, 1):
@@ -102,10 +104,13 @@ def sample_rows(mass: Tensor, k: int, generator: Optional[torch.Generator] = Non
     uniforms = torch.rand(k, dtype=torch.float64, device=device, generator=generator)
     targets = torch.minimum(uniforms * rest_total, torch.nextafter(rest_total, rest_total.new_zeros(())))
     drawn = torch.searchsorted(cdf, targets, right=True).clamp_(max=n - 1)  # n only when P_R = 0 (unused)
-    valid = (choices < draws_wanted) & (rest_total > 0)
-    counts = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, drawn, valid.to(torch.float64))
 
-    draw_weight = (counts * rest_total / (draws_wanted.clamp(min=1) * mass)).masked_fill_(counts == 0, 0.0)
-    weights = draw_weight + is_winner
-    kept = torch.nonzero(weights > 0).squeeze(1)  # the one host synchronisation
-    return RowSample(kept, weights.index_select(0, kept).to(torch.float32))
+    # k slots, no data-dependent size (so no host synchronisation): slot c < |C| holds the c-th
+    # winner, the others one draw each, weighted P_R / (k_s p_j); with nothing left to draw
+    # (P_R = 0) the spare slots carry weight 0.
+    is_winner_slot = choices < winners
+    draw_weight = rest_total / (draws_wanted.clamp(min=1) * mass.index_select(0, drawn))
+    draw_weight = torch.where(rest_total > 0, draw_weight, 0.0)
+    indices = torch.where(is_winner_slot, top_rows, drawn)
+    weights = torch.where(is_winner_slot, 1.0, draw_weight)
+    return RowSample(indices, weights.to(torch.float32))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import enum
 import functools
+import weakref
 from typing import Any
 
 import torch
@@ -20,6 +21,12 @@ from torch.utils._pytree import tree_leaves
 from zerokit.zero.flat_group import FlatParamGroup, GroupState, PendingReduction
 from zerokit.zero.policy import ShardingPolicy
 from zerokit.zero.streams import StreamSet
+
+
+def _grad_ready(runtime_ref: "weakref.ref[ShardingRuntime]", unit_index: int, param: torch.Tensor) -> None:
+    runtime = runtime_ref()
+    if runtime is not None:
+        runtime._on_grad(runtime.units[unit_index], param)
 
 
 class Phase(enum.Enum):
@@ -77,11 +84,15 @@ class ShardingRuntime:
         self.reduce_in_this_backward = True
         self.backward_pending = False  # a forward ran whose backward has not finished
         self._handles = []
-        for unit in units:
+        for index, unit in enumerate(units):
             self._handles.append(unit.module.register_forward_pre_hook(functools.partial(self._pre_forward, unit)))
             self._handles.append(unit.module.register_forward_hook(functools.partial(self._post_forward, unit)))
+            # Parameters hold their hooks in C++-owned state that Python's garbage collector does
+            # not traverse: a strong reference back to this runtime would keep the whole model
+            # alive after the engine is dropped. The hook refers to it weakly, by unit index.
             for param in unit.trainable_params:
-                self._handles.append(param.register_post_accumulate_grad_hook(functools.partial(self._on_grad, unit)))
+                hook = functools.partial(_grad_ready, weakref.ref(self), index)
+                self._handles.append(param.register_post_accumulate_grad_hook(hook))
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -132,11 +143,12 @@ class ShardingRuntime:
 
     def _pre_backward(self, unit: ShardedUnit, grad: torch.Tensor) -> None:
         unit.gather()
-        # Backward visits units in reverse forward order: prefetch the ones run before this one
-        # (for the root, whose backward starts first, the last ones).
+        # Backward visits units in reverse forward order: prefetch the ones run before this one.
+        # Not from the root, whose backward starts at the memory peak (logits and their gradient).
         positions = [i for i, u in enumerate(self.forward_order) if u is unit]
-        earlier = self.forward_order if unit.is_root else self.forward_order[: positions[-1]] if positions else []
-        self._prefetch([u for u in reversed(earlier) if not u.backward_done])
+        if positions:
+            earlier = self.forward_order[: positions[-1]]
+            self._prefetch([u for u in reversed(earlier) if not u.backward_done])
         unit.wait_gathered()
 
     def _on_grad(self, unit: ShardedUnit, param: torch.Tensor) -> None:
