@@ -133,6 +133,27 @@ class Runner:
         return loss.detach()
 
 
+KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of kernel names
+    ("communication", ("nccl",)),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "splitk")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copy/fill", ("memcpy", "memset", "copy", "fill", "cat", "chunk")),
+)
+
+
+def kernel_time_by_category(prof, steps: int) -> dict[str, float]:
+    """Milliseconds of GPU kernel time per step, by kind of kernel (streams overlap: not wall time)."""
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "elementwise/other")
+        totals[category] = totals.get(category, 0.0) + event.device_time / 1000 / steps
+    return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--system", required=True, choices=SYSTEMS)
@@ -142,7 +163,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--profile", help="write a torch.profiler trace of two timed steps to this folder")
+    parser.add_argument("--profile", help="profile two timed steps: print GPU time by kernel category, and write "
+                        "chrome traces to this folder (or 'summary' for the printout only)")
     args = parser.parse_args()
 
     dist.init_process_group("nccl")
@@ -171,10 +193,16 @@ def main() -> None:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile, schedule
 
+        def on_trace_ready(prof) -> None:
+            if rank == 0:
+                print(json.dumps({"system": args.system, "gpu_ms_per_step": kernel_time_by_category(prof, steps=2)}))
+            if args.profile != "summary":
+                prof.export_chrome_trace(os.path.join(args.profile, f"{args.system}-rank{rank}.json"))
+
         profiler = profile(
             activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
             schedule=schedule(wait=args.steps - 2, warmup=0, active=2),
-            on_trace_ready=lambda p: p.export_chrome_trace(os.path.join(args.profile, f"{args.system}-rank{rank}.json")),
+            on_trace_ready=on_trace_ready,
         )
     start = time.perf_counter()
     with profiler as prof:

@@ -151,16 +151,12 @@ class Engine:
 
     def _clip(self, grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """Clip by the global norm over all shards, as torch.nn.utils.clip_grad_norm_ does."""
-        if grads:
-            squares = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) ** 2
-        else:
-            squares = torch.zeros((), device=self.device)
+        squares = torch.nn.utils.get_total_norm(grads).square() if grads else torch.zeros((), device=self.device)
         if self._ctx.num_shards > 1:
             self._comm.all_reduce(squares)
         total = squares.sqrt()
         coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for grad in grads:
-            grad.mul_(coefficient)
+        torch._foreach_mul_(grads, coefficient)  # as clip_grads_with_norm_, on the shards themselves
         return total
 
     # -- conveniences --------------------------------------------------------------------------

@@ -114,8 +114,8 @@ class ShardingRuntime:
         else:
             self.forward_order.append(unit)
         unit.gather()
-        if not unit.is_root:
-            self._prefetch(self.last_forward_order[len(self.forward_order):])
+        # The root's forward starts first: prefetch the first units behind it.
+        self._prefetch(self.last_forward_order[0 if unit.is_root else len(self.forward_order):])
         unit.wait_gathered()
 
     def _post_forward(self, unit: ShardedUnit, module: nn.Module, args: Any, output: Any) -> None:
