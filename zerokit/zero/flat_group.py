@@ -123,6 +123,10 @@ class FlatParamGroup:
         self.grad_shard: Optional[torch.Tensor] = None  # fp32, allocated by the first reduction
         self.received_grad = [False] * len(slots)  # per slot, over the accumulation window
         self.pieces = self._make_pieces() if trainable else []
+        # Alignment gaps and tail padding: zeroed in every reduction buffer, never written by a grad.
+        ends = [slot.offset + slot.numel for slot in slots]
+        starts = [slot.offset for slot in slots[1:]] + [self.padded_numel]
+        self._gaps = [(end, start) for end, start in zip(ends, starts) if start > end]
         if not keep_gathered:
             self.reshard()
 
@@ -187,11 +191,16 @@ class FlatParamGroup:
         """Move the parameters' gradients into a flat buffer and reduce it into `grad_shard`."""
         ctx, streams = self.ctx, self.ctx.streams
         world = ctx.comm.world_size
-        flat = torch.zeros(self.padded_numel, dtype=ctx.reduce_dtype, device=ctx.device)
+        flat = torch.empty(self.padded_numel, dtype=ctx.reduce_dtype, device=ctx.device)
+        for start, stop in self._gaps:
+            flat[start:stop].zero_()
         for index, slot in enumerate(self.slots):
             grad = slot.param.grad
-            if grad is not None:
-                flat[slot.offset : slot.offset + slot.numel].copy_(grad.reshape(-1))
+            view = flat[slot.offset : slot.offset + slot.numel]
+            if grad is None:
+                view.zero_()
+            else:
+                view.copy_(grad.reshape(-1))
                 slot.param.grad = None
                 self.received_grad[index] = True
         # fp16 sums can overflow: divide before reducing; other dtypes divide after, exactly once.
