@@ -150,7 +150,7 @@ def kernel_time_by_category(prof, steps: int) -> dict[str, float]:
             continue
         name = event.name.lower()
         category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "elementwise/other")
-        totals[category] = totals.get(category, 0.0) + event.device_time / 1000 / steps
+        totals[category] = totals.get(category, 0.0) + event.time_range.elapsed_us() / 1000 / steps
     return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
