@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from zerokit.activations.config import ActivationMemoryConfig
 from zerokit.nn.config import WTACRSConfig
 
 logger = logging.getLogger("zerokit")
@@ -126,6 +127,8 @@ class Config:
     zero_optimization: ZeroConfig = field(default_factory=ZeroConfig)
     # zerokit: WTA-CRS linear layers (sampled activations for the weight gradient)
     wtacrs: Optional[WTACRSConfig] = None
+    # zerokit: how transformer blocks keep activations for backward (MEMO swapping/recomputation)
+    activation_memory: Optional[ActivationMemoryConfig] = None
 
     def __post_init__(self):
         if self.fp16.enabled and self.bf16.enabled:
@@ -238,7 +241,7 @@ _UNSUPPORTED_DEEPSPEED_KEYS = types.MappingProxyType({
     "zero_optimization.offload_optimizer": "optimizer offload is not available in this version of zerokit",
     "zero_optimization.offload_param": "parameter offload is not available in this version of zerokit",
     "pipeline": "pipeline parallelism is not part of zerokit",
-    "activation_checkpointing": "use torch.utils.checkpoint in the model (or the activation_memory section when available)",
+    "activation_checkpointing": "use the activation_memory section (policy recompute, swap or memo)",
     "amp": "use bf16 or fp16 sections instead of apex amp",
     "gradient_predivide_factor": "reductions are averaged in communication_data_type",
     "prescale_gradients": "reductions are averaged in communication_data_type",

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from zerokit.activations import apply_activation_memory
 from zerokit.config import Config
 from zerokit.distributed import DistributedContext
 from zerokit.loss_scaler import LossScaler
@@ -68,6 +69,9 @@ class Engine:
         units = [build_unit(model, spec, self._ctx, self._policy, seed + i) for i, spec in enumerate(specs)]
         move_buffers(model, self.device)
         self._runtime = ShardingRuntime(units, self._policy, self._ctx.streams)
+        # After the sharding hooks, so a block's parameters are gathered before its activations are managed.
+        memory = config.activation_memory
+        self.activations = apply_activation_memory(model, memory, self.device) if memory is not None else None
         self._groups = [group for unit in units for group in unit.trainable_groups()]
 
         pieces = {

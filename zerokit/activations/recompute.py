@@ -1,0 +1,72 @@
+"""Policies that keep everything, or recompute everything (activation checkpointing)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from zerokit.activations.inputs import BlockInputs
+from zerokit.activations.record import BlockRecord
+from zerokit.activations.rerun import ForwardState, rerun
+from zerokit.activations.slots import SavedSlot, Storage
+
+if TYPE_CHECKING:
+    from zerokit.activations.manager import ActivationManager, ManagedBlock
+
+
+class KeepRecord(BlockRecord):
+    """Autograd keeps the block's saved tensors as usual: no hooks, nothing to report."""
+
+    policy = "keep"
+
+    def enter(self) -> None:
+        pass
+
+
+class RecomputeRecord(BlockRecord):
+    """Keeps the block's inputs and drops everything else it saves; just before the block's
+    backward its forward runs again (same random state and autocast) to recreate them."""
+
+    policy = "recompute"
+
+    def __init__(self, manager: "ActivationManager", block: "ManagedBlock", inputs: BlockInputs, sequence: int):
+        super().__init__(manager, block, inputs, sequence)
+        self.inputs = inputs
+        self.forward_state = ForwardState.capture(manager.device)
+        self._inputs = [leaf for leaf in inputs.leaves if isinstance(leaf, torch.Tensor)]
+        if inputs.hidden.device == manager.device:
+            self.account("kept", inputs.hidden)
+
+    def pack(self, tensor: torch.Tensor) -> SavedSlot:
+        index = self.next_index()
+        kept = self.keep_if_shared(index, tensor, self._inputs)
+        if kept is not None:
+            return kept
+        self.account("dropped", tensor)
+        return self.new_slot(index, tensor, Storage.DROPPED)
+
+    def complete(self) -> None:
+        wanted = {s.index: s for s in self.live_slots() if s.storage is Storage.DROPPED and s.restored is None}
+        if wanted:
+            self.recompute(wanted)
+
+    def recompute(self, wanted: dict[int, SavedSlot]) -> None:
+        """Run the forward again and fill the `wanted` slots."""
+        def keep(index: int, tensor: torch.Tensor) -> None:
+            slot = wanted.get(index)
+            if slot is not None:
+                slot.restored = tensor
+
+        args, kwargs = self.inputs.rebuild(self.inputs.hidden)
+        with self.manager.suspended():
+            count = rerun(self.block.module, args, kwargs, self.forward_state, keep)
+        check_same_count(self.block.name, self._count, count)
+
+
+def check_same_count(block_name: str, forward: int, again: int) -> None:
+    if forward != again:
+        raise RuntimeError(
+            f"block {block_name} saved {forward} tensors for backward in its forward but {again} when run again; "
+            "recomputation needs a forward that does the same work every time (no branches on data or state "
+            "that changed in between)."
+        )
