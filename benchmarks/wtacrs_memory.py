@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -94,6 +95,7 @@ def measure(args, keep: float, device: torch.device) -> dict:
 
 
 def loss_curve(args, keep: float, device: torch.device) -> list[float]:
+    # Peak memory is not read here, so both curves may share this process.
     engine = make_engine(args.model, keep, args.micro_batch, device)
     data = TextWindows(args.seq, device)
     losses = [train_step(engine, *data.batch(args.micro_batch)).item() for _ in range(args.loss_steps)]
@@ -124,6 +126,13 @@ def plot(curves: dict[str, list[float]], path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
+def _measure_in_subprocess(keep: float) -> dict:
+    """Each keep ratio in its own process: nothing of one run's memory can inflate the next one's peak."""
+    command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--measure-only", str(keep)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="0.95b")
@@ -135,6 +144,7 @@ def main() -> None:
     parser.add_argument("--loss-steps", type=int, default=200)
     parser.add_argument("--out", default=".")
     parser.add_argument("--plot-only", help="only plot this wtacrs_losses.json into --out")
+    parser.add_argument("--measure-only", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plot_only:
         with open(args.plot_only) as handle:
@@ -144,7 +154,10 @@ def main() -> None:
     torch.cuda.set_device(device)
     os.makedirs(args.out, exist_ok=True)
 
-    results = [measure(args, keep, device) for keep in args.keep]
+    if args.measure_only is not None:  # one measurement in this fresh process
+        print(json.dumps(measure(args, args.measure_only, device)), flush=True)
+        return
+    results = [_measure_in_subprocess(keep) for keep in args.keep]
     for result in results:
         print(json.dumps(result), flush=True)
     if args.loss_steps:
