@@ -62,9 +62,10 @@ setup(
         "highspy>=1.7",
         "psutil>=5.9",
         "nvidia-ml-py>=12",
+        "matplotlib>=3.7",  # zerokit profile's timeline plots
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.10", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "transformers>=4.45", "peft>=0.10"],
         "hf": ["transformers>=4.45"],
         "deepspeed": ["deepspeed>=0.14"],
     },

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from zerokit import profiler
 from zerokit.activations import apply_activation_memory
 from zerokit.config import Config
 from zerokit.distributed import DistributedContext
@@ -85,6 +86,7 @@ class Engine:
             self.optimizer = build_optimizer(config.optimizer, [{"params": list(pieces.values())}], self.device)
         self.lr_scheduler = build_scheduler(config.scheduler, self.optimizer) if config.scheduler else None
         self.loss_scaler = LossScaler(config.fp16) if config.fp16.enabled else None
+        profiler.track_model_states(self.memory_breakdown)  # a no-op unless run under `zerokit profile`
 
     # -- the training loop ---------------------------------------------------------------------
 
@@ -97,7 +99,7 @@ class Engine:
         if dtype != torch.float32:
             cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
             args, kwargs = tree_map(cast, (args, kwargs))
-        with self._explain_oom("forward"):
+        with profiler.phase("forward"), self._explain_oom("forward"):
             return self.module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -108,9 +110,10 @@ class Engine:
         scale = (self.loss_scaler.scale if self.loss_scaler else 1.0) / self.config.accumulation_steps
         reduce = self._policy.reduce_every_backward or self.is_gradient_accumulation_boundary()
         self._runtime.begin_backward(reduce=reduce)
-        with self._explain_oom("backward"):
+        with profiler.phase("backward"), self._explain_oom("backward"):
             loss.backward(torch.full_like(loss, scale)) if scale != 1.0 else loss.backward()
-            self._runtime.finish_backward()
+            with profiler.phase("communication"):
+                self._runtime.finish_backward()
 
     def step(self) -> None:
         """Call after every micro-batch: steps the optimizer (and clears gradients) at
@@ -124,7 +127,7 @@ class Engine:
         self.micro_steps += 1
         if not boundary:
             return
-        with self._explain_oom("optimizer step"):
+        with profiler.phase("step"), self._explain_oom("optimizer step"):
             self._optimizer_step()
         self.global_step += 1
         if self.config.steps_per_print and self.global_step % self.config.steps_per_print == 0 and self.rank == 0:

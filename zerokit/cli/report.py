@@ -10,6 +10,7 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sections(args: argparse.Namespace) -> list[Section]:
-    builders: list[Callable[[], Section]] = [versions_section, gpus_section, host_memory_section, extension_section]
+    builders: list[Callable[[], Section]] = [
+        versions_section, gpus_section, links_section, host_memory_section, extension_section
+    ]
     if args.nvme_path is not None:
         builders.append(lambda: nvme_probe_section(args.nvme_path, args.probe_mib << 20))
     return [build() for build in builders]
@@ -75,8 +78,25 @@ def versions_section() -> Section:
         ("torch CUDA", cuda),
         ("CUDA available", "yes" if torch.cuda.is_available() else "no"),
         ("NCCL", _nccl_version()),
+        ("cuDNN", _cudnn_version()),
+        ("backends", _distributed_backends()),
     ]
     return Section("versions", tuple(rows))
+
+
+def _cudnn_version() -> str:
+    version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return str(version) if version else "not available"
+
+
+def _distributed_backends() -> str:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "none: torch was built without torch.distributed"
+    found = [name for name, ok in (("gloo", dist.is_gloo_available()), ("nccl", dist.is_nccl_available()),
+                                   ("mpi", dist.is_mpi_available())) if ok]  # fmt: skip
+    return ", ".join(found) or "none"
 
 
 def _nccl_version() -> str:
@@ -129,6 +149,62 @@ def _gpus_from_nvml() -> Optional[list[tuple[str, str]]]:
         pynvml.nvmlShutdown()
 
 
+def links_section() -> Section:
+    """GPU interconnect: NVLink state per GPU from NVML, and `nvidia-smi topo -m` when installed."""
+    rows = _nvlinks_from_nvml()
+    if rows is None:
+        rows = [("NVML", "not available (pynvml missing or no NVIDIA driver): NVLink state unknown")]
+    rows += _topology_matrix()
+    return Section("GPU links", tuple(rows))
+
+
+def _nvlinks_from_nvml() -> Optional[list[tuple[str, str]]]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # ImportError, or NVMLError when no driver is loaded
+        return None
+    try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        bus_ids = [_text(pynvml.nvmlDeviceGetPciInfo(h).busId).lower() for h in handles]
+        rows = [] if handles else [("NVLink", "no GPU found by NVML")]
+        for index, handle in enumerate(handles):
+            peers: dict[str, int] = {}
+            for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
+                try:
+                    if pynvml.nvmlDeviceGetNvLinkState(handle, link) != pynvml.NVML_FEATURE_ENABLED:
+                        continue
+                    remote = _text(pynvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link).busId).lower()
+                except pynvml.NVMLError:  # link absent or not supported on this GPU
+                    continue
+                peer = f"GPU {bus_ids.index(remote)}" if remote in bus_ids else "NVSwitch/other"
+                peers[peer] = peers.get(peer, 0) + 1
+            detail = ", ".join(f"{count} to {peer}" for peer, count in sorted(peers.items()))
+            rows.append((f"GPU {index}", f"{sum(peers.values())} NVLink links active: {detail}" if peers
+                         else "no active NVLink (PCIe only)"))  # fmt: skip
+        return rows
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _topology_matrix() -> list[tuple[str, str]]:
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return [("nvidia-smi", "not installed: no topology matrix")]
+    try:
+        result = subprocess.run([binary, "topo", "-m"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return [("topo -m", f"failed: {error}")]
+    if result.returncode != 0:
+        return [("topo -m", f"failed: {(result.stderr or result.stdout).strip()[:200]}")]
+    return [("topo -m" if i == 0 else "", line) for i, line in enumerate(result.stdout.rstrip().splitlines())]
+
+
 def host_memory_section() -> Section:
     import psutil
 
@@ -138,8 +214,18 @@ def host_memory_section() -> Section:
         ("CPU cores", f"{psutil.cpu_count(logical=False)} physical, {psutil.cpu_count()} logical"),
         ("host memory", f"{memory.total / 2**30:.1f} GiB total, {memory.available / 2**30:.1f} GiB available"),
         ("locked-memory limit", f"soft {_limit(soft)}, hard {_limit(hard)} (ulimit -l)"),
+        ("/dev/shm", _shared_memory()),
     ]
     return Section("host", tuple(rows))
+
+
+def _shared_memory() -> str:
+    """NCCL and DataLoader workers need room here; containers often give it 64 MiB."""
+    try:
+        usage = shutil.disk_usage("/dev/shm")
+    except OSError:
+        return "not mounted"
+    return f"{usage.total / 2**30:.1f} GiB total, {usage.free / 2**30:.1f} GiB free"
 
 
 def _limit(value: int) -> str:

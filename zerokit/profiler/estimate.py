@@ -1,0 +1,416 @@
+"""Per-rank memory of every ZeRO stage x offload x activation policy, before any GPU is rented.
+
+The model is built on the meta device and one training step is traced there (trace.py): that
+gives activations, their gradients and the transient parameter gradients event by event. Model
+states come from the arithmetic the engine itself checks with (zero/memory.py). For each
+configuration the GPU peak is the largest sum, over the step's events, of
+
+    states kept on the GPU + gradient shards reduced so far + activations of the policy
+    + parameter gradients not yet reduced + communication buffers
+
+plus a fraction for the caching allocator and a fixed amount outside it. Assumptions, all
+visible in `--json` under "assumptions":
+
+- gradient_accumulation_steps 1, fp32 gradient reduction, AdamW (two fp32 moments), the engine's
+  default bucket sizes; two reductions in flight (the one waited for and the next); under stage 3
+  the root unit stays gathered through forward and backward, with the unit in use and one
+  prefetched, and the all-gather source (a shard in compute dtype);
+- allocator overhead: ALLOCATOR_OVERHEAD of the allocated peak (block rounding and
+  fragmentation: the gap between max_memory_reserved and max_memory_allocated);
+- outside PyTorch's allocator: GPU_RUNTIME_BYTES per GPU (CUDA context, NCCL, library handles),
+  HOST_RUNTIME_BYTES of host memory per rank (Python, torch and CUDA libraries);
+- offload (ZeRO-Offload / ZeRO-Infinity placement): "cpu_optimizer" keeps fp32 masters, moments
+  and reduced gradients in host memory (stage >= 1); "cpu_optimizer_params" also the parameter
+  shards (stage 3); "nvme" puts masters, moments and parameter shards on NVMe with the gradients
+  in host memory (stage 3); every offload stages transfers through STAGING_BUFFERS pinned buffers
+  of the largest unit's shard.
+
+The fastest configuration that fits is the one with the least relative cost, the product of
+per-choice step-time factors (COSTS) from measured step times of ZeRO/FSDP systems on H100s:
+ZeRO-3 vs ZeRO-1/2 1.3x, full activation recomputation 1.25-1.33x, save_on_cpu-style swapping
+5x, CPU offload of the optimizer 1.7x and of parameters too 5.8x. MEMO (1.1x) and NVMe (12x) are
+assumptions. Ties go to the smaller GPU peak.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Mapping, Optional
+
+import torch
+
+from zerokit.config import ZeroConfig
+from zerokit.profiler.activations import POLICIES, BlockActivations, block_activations, gpu_timeline, host_bytes
+from zerokit.profiler.attention import TARGETS, Target
+from zerokit.profiler.models import ModelSource, build_on_meta, resolve_model
+from zerokit.profiler.trace import OUTSIDE, StepTrace, trace_step
+from zerokit.zero.memory import FP32_BYTES, ModelStateBytes, model_state_bytes
+from zerokit.zero.policy import ShardingPolicy
+from zerokit.zero.units import plan_units
+
+SCHEMA = "zerokit.estimate/1"
+STAGES = (0, 1, 2, 3)
+OFFLOADS = ("none", "cpu_optimizer", "cpu_optimizer_params", "nvme")
+GPU_CATEGORIES = (
+    "parameters", "master_weights", "gradients", "optimizer_states", "activations", "communication",
+    "allocator_overhead", "runtime",
+)  # fmt: skip
+HOST_CATEGORIES = (
+    "parameters", "master_weights", "gradients", "optimizer_states", "activations", "staging", "runtime",
+)  # fmt: skip
+NVME_CATEGORIES = ("parameters", "master_weights", "optimizer_states")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+ALLOCATOR_OVERHEAD = 0.10
+GPU_RUNTIME_BYTES = 1 << 30
+HOST_RUNTIME_BYTES = 2 << 30
+REDUCTIONS_IN_FLIGHT = 2
+STAGING_BUFFERS = 2
+COSTS = {
+    "stage": {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.3},
+    "offload": {"none": 1.0, "cpu_optimizer": 1.7, "cpu_optimizer_params": 5.8, "nvme": 12.0},
+    "activations": {"none": 1.0, "memo": 1.1, "recompute": 1.33, "swap": 5.0},
+}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """GPUs per node and nodes; GPU memory per GPU; host memory and NVMe space per node (bytes)."""
+
+    gpus_per_node: int = 1
+    nodes: int = 1
+    gpu_memory: int = 80 * 10**9
+    host_memory: int = 512 * 10**9
+    nvme: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("gpus_per_node", "nodes", "gpu_memory", "host_memory"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.nvme < 0:
+            raise ValueError(f"nvme must be >= 0 bytes, got {self.nvme}")
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass(frozen=True)
+class Workload:
+    micro_batch: int
+    seq: int
+    dtype: torch.dtype = torch.bfloat16
+    attention: Target = "cuda"  # whose fused attention kernels the trace mirrors
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1 or self.seq < 1:
+            raise ValueError(f"micro_batch and seq must be positive, got {self.micro_batch} and {self.seq}")
+        if self.dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES.values()))}, got {self.dtype}")
+        if self.attention not in TARGETS:
+            raise ValueError(f"attention must be one of {', '.join(TARGETS)}, got {self.attention!r}")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """Per-rank bytes by category on each device (every category present, zeros included)."""
+
+    stage: int
+    offload: str
+    activations: str
+    supported: bool
+    note: str
+    gpu: Mapping[str, int]
+    host: Mapping[str, int]
+    nvme: Mapping[str, int]
+    peak_allocated: int  # what torch.cuda.max_memory_allocated() would show
+    fits_gpu: bool
+    fits_host: bool
+    fits_nvme: bool
+    relative_cost: float
+    memo_alpha: Optional[float] = None
+
+    @property
+    def fits(self) -> bool:
+        return self.supported and self.fits_gpu and self.fits_host and self.fits_nvme
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.stage}, offload {self.offload}, activations {self.activations}"
+
+    def to_json(self) -> dict:
+        return {
+            "stage": self.stage,
+            "offload": self.offload,
+            "activations": self.activations,
+            "supported": self.supported,
+            "note": self.note,
+            "gpu": {**self.gpu, "total": sum(self.gpu.values())},
+            "host": {**self.host, "total": sum(self.host.values())},
+            "nvme": {**self.nvme, "total": sum(self.nvme.values())},
+            "peak_allocated_bytes": self.peak_allocated,
+            "fits": {"gpu": self.fits_gpu, "host": self.fits_host, "nvme": self.fits_nvme, "all": self.fits},
+            "relative_cost": self.relative_cost,
+            "memo_alpha": self.memo_alpha,
+        }
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    parameters: int
+    trainable_parameters: int
+    units: int
+    hardware: Hardware
+    workload: Workload
+    blocks: tuple[BlockActivations, ...]
+    outside_blocks_saved: int  # bytes saved for backward outside blocks (embedding, head, loss)
+    configurations: tuple[Configuration, ...] = field(repr=False)
+
+    @property
+    def recommended(self) -> Optional[Configuration]:
+        fitting = [c for c in self.configurations if c.fits]
+        return min(fitting, key=lambda c: (c.relative_cost, sum(c.gpu.values()))) if fitting else None
+
+    def find(self, stage: int, offload: str, activations: str) -> Configuration:
+        for config in self.configurations:
+            if (config.stage, config.offload, config.activations) == (stage, offload, activations):
+                return config
+        raise KeyError(f"no configuration stage {stage}, offload {offload!r}, activations {activations!r}")
+
+    def to_json(self) -> dict:
+        largest = max(self.blocks, key=lambda b: b.saved) if self.blocks else None
+        recommended = self.recommended
+        dtype_name = next(name for name, dtype in DTYPES.items() if dtype == self.workload.dtype)
+        return {
+            "schema": SCHEMA,
+            "model": {
+                "name": self.model,
+                "parameters": self.parameters,
+                "trainable_parameters": self.trainable_parameters,
+                "blocks": len(self.blocks),
+                "sharding_units": self.units,
+            },
+            "workload": {
+                "micro_batch": self.workload.micro_batch,
+                "seq": self.workload.seq,
+                "dtype": dtype_name,
+                "attention_kernels": self.workload.attention,
+            },
+            "hardware": {
+                "nodes": self.hardware.nodes,
+                "gpus_per_node": self.hardware.gpus_per_node,
+                "world_size": self.hardware.world_size,
+                "gpu_memory_bytes": self.hardware.gpu_memory,
+                "host_memory_bytes": self.hardware.host_memory,
+                "nvme_bytes": self.hardware.nvme,
+            },
+            "assumptions": {
+                "gradient_accumulation_steps": 1,
+                "reduce_dtype": "fp32",
+                "optimizer": "AdamW",
+                "allocator_overhead_fraction": ALLOCATOR_OVERHEAD,
+                "gpu_runtime_bytes": GPU_RUNTIME_BYTES,
+                "host_runtime_bytes_per_rank": HOST_RUNTIME_BYTES,
+                "reductions_in_flight": REDUCTIONS_IN_FLIGHT,
+                "staging_buffers": STAGING_BUFFERS,
+                "costs": {kind: {str(k): v for k, v in table.items()} for kind, table in COSTS.items()},
+            },
+            "activations": {
+                "largest_block": None if largest is None else {
+                    "saved_bytes": largest.saved,
+                    "private_bytes": largest.private,
+                    "swappable_bytes": largest.swappable,
+                    "attention_bytes": largest.attention,
+                    "input_bytes": largest.inputs,
+                    "recompute_transient_bytes": largest.recompute_transient,
+                },
+                "outside_blocks_saved_bytes": self.outside_blocks_saved,
+            },
+            "configurations": [c.to_json() for c in self.configurations],
+            "recommended": None if recommended is None else {
+                "stage": recommended.stage, "offload": recommended.offload, "activations": recommended.activations
+            },
+        }  # fmt: skip
+
+
+def estimate(model: ModelSource | str, hardware: Hardware, workload: Workload) -> Estimate:
+    """Build `model` (a source or a `zerokit estimate --model` string) on the meta device and
+    estimate every configuration."""
+    source = resolve_model(model) if isinstance(model, str) else model
+    return estimate_module(build_on_meta(source, workload.dtype), source.name, hardware, workload)
+
+
+def estimate_module(model: torch.nn.Module, name: str, hardware: Hardware, workload: Workload) -> Estimate:
+    """Estimate every configuration of a model already on the meta device (parameters in the
+    workload's dtype, training mode). Runs one step of it on meta."""
+    specs = plan_units(model)
+    trace = trace_step(model, specs, workload.micro_batch, workload.seq, workload.attention)
+    blocks = block_activations(trace)
+    step = _Step(trace, blocks, {policy: gpu_timeline(trace, blocks, policy) for policy in POLICIES})
+    configurations = []
+    for stage in STAGES:
+        policy = ShardingPolicy.from_config(ZeroConfig(stage=stage))
+        shards = hardware.world_size if stage >= 1 else 1
+        states = model_state_bytes(specs, policy, workload.dtype, shards)
+        gradients, reductions = _gradient_timelines(trace, states, reduce_scatter=shards > 1)
+        for offload in OFFLOADS:
+            for activations in POLICIES:
+                configurations.append(
+                    _configuration(stage, offload, activations, states, step, gradients, reductions, hardware)
+                )
+    params = {id(p): p for p in model.parameters()}.values()
+    return Estimate(
+        model=name,
+        parameters=sum(p.numel() for p in params),
+        trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
+        units=len(specs),
+        hardware=hardware,
+        workload=workload,
+        blocks=tuple(blocks),
+        outside_blocks_saved=sum(s.nbytes for s in trace.saved if s.saved_by == frozenset({OUTSIDE})),
+        configurations=tuple(configurations),
+    )
+
+
+def _unsupported_reason(stage: int, offload: str) -> str:
+    if offload == "cpu_optimizer" and stage == 0:
+        return "offloading the optimizer needs sharded optimizer states: stage 1 or higher"
+    if offload in ("cpu_optimizer_params", "nvme") and stage < 3:
+        return f"{offload} offloads parameter shards, which exist only under stage 3"
+    return ""
+
+
+@dataclass(frozen=True)
+class _Step:
+    """The traced step and what every configuration reads from it."""
+
+    trace: StepTrace
+    blocks: list[BlockActivations]
+    activations: dict[str, tuple[int, ...]]  # GPU timeline per activation policy
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where each model state lives for one stage and offload choice (per rank)."""
+
+    gpu: dict[str, int]
+    host: dict[str, int]
+    nvme: dict[str, int]
+    gradients_on_gpu: bool
+    communication: int  # stage 3's gathered units, for the whole step
+
+
+def _placement(stage: int, offload: str, states: ModelStateBytes) -> _Placement:
+    largest = max(states.units, key=lambda u: u.full_bytes)
+    sharded = [u for u in states.units if not u.keeps_gathered]
+    gathered = states.gathered + (largest.shard_bytes if sharded else 0)  # + the all-gather source
+    communication = gathered if stage == 3 else 0
+    gpu = {"parameters": states.parameters, "master_weights": states.master_weights,
+           "optimizer_states": states.optimizer_states}  # fmt: skip
+    host = {"parameters": 0, "master_weights": 0, "gradients": 0, "optimizer_states": 0, "staging": 0}
+    nvme = {name: 0 for name in NVME_CATEGORIES}
+    if offload == "none":
+        return _Placement(gpu, host, nvme, True, communication)
+    largest_gradient = max(u.gradient_bytes for u in states.units)
+    host.update(gradients=states.gradients, staging=STAGING_BUFFERS * largest_gradient)
+    gpu.update(master_weights=0, optimizer_states=0)
+    if offload == "cpu_optimizer":
+        host.update(master_weights=states.master_weights, optimizer_states=states.optimizer_states)
+        return _Placement(gpu, host, nvme, False, communication)
+    kept = sum(u.full_bytes for u in states.units if u.keeps_gathered)
+    shards = sum(u.shard_bytes for u in sharded)
+    gpu["parameters"] = kept
+    parameter_staging = STAGING_BUFFERS * largest.shard_bytes
+    if offload == "cpu_optimizer_params":
+        host.update(parameters=shards, master_weights=states.master_weights, optimizer_states=states.optimizer_states,
+                    staging=host["staging"] + parameter_staging)  # fmt: skip
+        return _Placement(gpu, host, nvme, False, communication)
+    # nvme: optimizer tiles (master + moments) and parameter shards stream through host buffers
+    nvme.update(parameters=shards, master_weights=states.master_weights, optimizer_states=states.optimizer_states)
+    tile = largest_gradient // FP32_BYTES * 3 * FP32_BYTES  # master + two moments per element
+    host["staging"] += parameter_staging + STAGING_BUFFERS * tile
+    return _Placement(gpu, host, nvme, False, communication)
+
+
+def _configuration(
+    stage: int,
+    offload: str,
+    activations: str,
+    states: ModelStateBytes,
+    step: _Step,
+    gradients: list[int],
+    reductions: list[int],
+    hardware: Hardware,
+) -> Configuration:
+    cost = COSTS["stage"][stage] * COSTS["offload"][offload] * COSTS["activations"][activations]
+    reason = _unsupported_reason(stage, offload)
+    if reason:
+        zeros = ({k: 0 for k in GPU_CATEGORIES}, {k: 0 for k in HOST_CATEGORIES}, {k: 0 for k in NVME_CATEGORIES})
+        return Configuration(stage, offload, activations, False, reason, *zeros, 0, False, False, False, cost)
+    place = _placement(stage, offload, states)
+    host_without_activations = sum(place.host.values()) + HOST_RUNTIME_BYTES
+    room = hardware.host_memory / hardware.gpus_per_node - host_without_activations
+    host_activations, alpha = host_bytes(step.blocks, activations, room)
+    trace, on_gpu = step.trace, step.activations[activations]
+    shards = gradients if place.gradients_on_gpu else [0] * trace.events
+    totals = [a + p + g + r for a, p, g, r in zip(on_gpu, trace.param_grads, shards, reductions)]
+    peak_at = max(range(trace.events), key=totals.__getitem__)
+    gpu = {
+        "parameters": place.gpu["parameters"],
+        "master_weights": place.gpu["master_weights"],
+        "gradients": trace.param_grads[peak_at] + shards[peak_at],
+        "optimizer_states": place.gpu["optimizer_states"],
+        "activations": on_gpu[peak_at],
+        "communication": place.communication + reductions[peak_at],
+    }
+    allocated = sum(gpu.values())
+    gpu["allocator_overhead"] = int(ALLOCATOR_OVERHEAD * allocated)
+    gpu["runtime"] = GPU_RUNTIME_BYTES
+    host = {
+        "parameters": place.host["parameters"],
+        "master_weights": place.host["master_weights"],
+        "gradients": place.host["gradients"],
+        "optimizer_states": place.host["optimizer_states"],
+        "activations": host_activations,
+        "staging": place.host["staging"],
+        "runtime": HOST_RUNTIME_BYTES,
+    }
+    ranks = hardware.gpus_per_node
+    return Configuration(
+        stage=stage,
+        offload=offload,
+        activations=activations,
+        supported=True,
+        note="",
+        gpu=gpu,
+        host=host,
+        nvme=dict(place.nvme),
+        peak_allocated=allocated,
+        fits_gpu=sum(gpu.values()) <= hardware.gpu_memory,
+        fits_host=sum(host.values()) * ranks <= hardware.host_memory,
+        fits_nvme=sum(place.nvme.values()) * ranks <= hardware.nvme,
+        relative_cost=round(cost, 4),
+        memo_alpha=alpha if activations == "memo" else None,
+    )
+
+
+def _gradient_timelines(trace: StepTrace, states: ModelStateBytes, reduce_scatter: bool) -> tuple[list[int], list[int]]:
+    """After each event: the fp32 gradient shards reduced so far, and the flat buffers of the
+    last REDUCTIONS_IN_FLIGHT reduce-scatters (an all-reduce, stage 0, reduces in place: its flat
+    buffer is the gradient). Units the trace never saw finish are reduced at the end of
+    backward, as the engine does."""
+    finished = dict(trace.unit_reduced)
+    order = sorted(range(len(states.units)), key=lambda u: finished.get(u, trace.events - 1))
+    gradient_steps = [0] * (trace.events + 1)
+    reduction_steps = [0] * (trace.events + 1)
+    for position, unit in enumerate(order):
+        event = finished.get(unit, trace.events - 1)
+        gradient_steps[event] += states.units[unit].gradient_bytes
+        if reduce_scatter:
+            reduction_steps[event] += states.units[unit].reduce_buffer_bytes
+            if position + REDUCTIONS_IN_FLIGHT < len(order):  # done once a later reduction is queued
+                later = finished.get(order[position + REDUCTIONS_IN_FLIGHT], trace.events - 1)
+                reduction_steps[later] -= states.units[unit].reduce_buffer_bytes
+    return list(accumulate(gradient_steps[:-1])), list(accumulate(reduction_steps[:-1]))
+
