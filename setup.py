@@ -63,6 +63,7 @@ setup(
         "psutil>=5.9",
         "nvidia-ml-py>=12",
         "matplotlib>=3.7",  # zerokit profile's timeline plots
+        "safetensors>=0.4",  # checkpoint export
     ],
     extras_require={
         "test": ["pytest>=7", "transformers>=4.45", "peft>=0.10"],

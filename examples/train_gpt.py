@@ -5,6 +5,14 @@
     torchrun --nproc-per-node 8 examples/train_gpt.py --model medium --precision bf16 --meta-init
 
 Prints the loss, tokens/s and each rank's memory while it trains.
+
+Fault tolerance: with --checkpoint-dir, --save-every and --resume, a job that torchrun restarts
+after a rank died (--max-restarts) resumes from the newest complete checkpoint, data position
+included, and trains on exactly as if nothing had happened (the variable works around torchrun
+re-using stale addresses after a restart, pytorch/pytorch#135712):
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc-per-node 2 --max-restarts 3 \
+        examples/train_gpt.py --checkpoint-dir ckpt --save-every 20 --resume --async-save
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zerokit  # noqa: E402
+from zerokit.checkpoint import complete_tags  # noqa: E402
 from gpt import GPT, PRESETS, GPTConfig, cosine_lr, count_parameters, flops_per_token, sample_batch, stdlib_corpus  # noqa: E402
 
 
@@ -40,7 +49,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint-activations", action="store_true", help="recompute each block in backward")
     parser.add_argument("--wtacrs", type=float, metavar="KEEP", help="WTA-CRS linear layers keeping this fraction of rows")
     parser.add_argument("--log-every", type=int, default=10)
-    return parser.parse_args()
+    parser.add_argument("--checkpoint-dir", help="save checkpoints into this directory (every --save-every steps)")
+    parser.add_argument("--save-every", type=int, default=0, help="save a checkpoint every N steps")
+    parser.add_argument("--resume", action="store_true",
+                        help="at start, resume from the newest complete checkpoint in --checkpoint-dir, if any")
+    parser.add_argument("--async-save", action="store_true", help="write checkpoints in a background thread")
+    parser.add_argument("--simulate-failure", type=int, metavar="STEP",
+                        help="to try fault tolerance: rank 1 dies after STEP, in the first attempt of a torchrun job only")
+    args = parser.parse_args()
+    if (args.save_every or args.resume or args.async_save) and not args.checkpoint_dir:
+        parser.error("--save-every, --resume and --async-save need --checkpoint-dir")
+    return args
 
 
 def memory_bytes(device: torch.device) -> int:
@@ -79,9 +98,17 @@ def main() -> None:
         print(f"zerokit ZeRO-{args.stage} {args.precision}: GPT {config.layers}x{config.dim}, {params / 1e6:.1f}M parameters, "
               f"{world} rank(s) on {device.type}, corpus {corpus.numel() / 1e6:.1f} MB of Python stdlib source", flush=True)
 
+    first_step = 0
+    if args.resume and complete_tags(args.checkpoint_dir):
+        client_state = engine.load_checkpoint(args.checkpoint_dir, fallback_to_previous=True)
+        first_step = client_state["step"]
+        generator.set_state(client_state["generator"])  # the data position: the same batches as without the restart
+        if rank == 0:
+            print(f"resumed from {args.checkpoint_dir} at step {first_step}", flush=True)
+
     start = last = time.perf_counter()
-    last_step = 0
-    for step in range(args.steps):
+    last_step = first_step
+    for step in range(first_step, args.steps):
         for group in engine.optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=max(1, args.steps // 20))
         total = torch.zeros((), device=device)
@@ -105,6 +132,14 @@ def main() -> None:
                 tflops = rate * flops_per_token(config, params, args.seq_len) / world / 1e12
                 print(f"step {step + 1:>5}/{args.steps} ({100 * (step + 1) / args.steps:3.0f}%)  loss {loss_mean:.4f}  "
                       f"{rate:,.0f} tok/s  {tflops:.2f} TFLOPs/rank  mem MiB {memory}", flush=True)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            position = {"step": step + 1, "generator": generator.get_state()}
+            engine.save_checkpoint(args.checkpoint_dir, client_state=position, async_save=args.async_save)
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if args.simulate_failure == step + 1 and rank == min(1, world - 1) and first_attempt:
+            os._exit(1)  # a crash: no cleanup, no exception
+    if args.checkpoint_dir:
+        engine.wait_for_checkpoint()
     if rank == 0:
         print(f"done: {args.steps} steps in {time.perf_counter() - start:.1f}s", flush=True)
     if dist.is_initialized():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from zerokit import profiler
+from zerokit import checkpoint, profiler
 from zerokit.activations import apply_activation_memory
 from zerokit.config import Config
 from zerokit.distributed import DistributedContext
@@ -209,6 +209,25 @@ class Engine:
                 value = value.to(dtype)
             state[name] = value.cpu() if value.device.type != "cpu" else value.clone()
         return state
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, save_dir: str, tag: Optional[str] = None, client_state: Any = None, async_save: bool = False
+    ) -> "checkpoint.SaveHandle":
+        """Save to save_dir/<tag> (default global_step<N>): see zerokit.checkpoint.save_checkpoint."""
+        return checkpoint.save_checkpoint(self, save_dir, tag, client_state, async_save)
+
+    def load_checkpoint(
+        self, load_dir: str, tag: Optional[str] = None, fallback_to_previous: bool = False,
+        load_optimizer_states: bool = True,
+    ) -> Any:
+        """Restore from load_dir/<tag> (default: latest), resharding as needed; returns client_state."""
+        return checkpoint.load_checkpoint(self, load_dir, tag, fallback_to_previous, load_optimizer_states)
+
+    def wait_for_checkpoint(self) -> None:
+        """Wait for the asynchronous save in flight, re-raising its error."""
+        checkpoint.wait_for_checkpoint(self)
 
     @contextlib.contextmanager
     def _explain_oom(self, phase: str):

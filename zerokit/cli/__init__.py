@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Sub-command modules, in the order `zerokit --help` lists them.
-_COMMANDS = ("estimate", "profile", "plan", "report")
+_COMMANDS = ("estimate", "profile", "plan", "report", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -277,3 +277,42 @@ class FlatParamGroup:
         grads = 0 if self.grad_shard is None else self.grad_shard.numel() * self.grad_shard.element_size()
         grads += sum(s.param.grad.numel() * s.param.grad.element_size() for s in self.slots if s.param.grad is not None)
         return {"parameters": full + frozen, "master_weights": master, "gradients": grads}
+
+    # -- checkpoint support ---------------------------------------------------------------------
+
+    def owned_range(self, slot_index: int) -> Optional[tuple[int, int]]:
+        """Elements [start, stop) of the flattened parameter in slot `slot_index` that lie in this
+        rank's shard, or None when none do."""
+        slot = self.slots[slot_index]
+        lo = max(slot.offset, self._shard_range[0])
+        hi = min(slot.offset + slot.numel, self._shard_range[1])
+        return (lo - slot.offset, hi - slot.offset) if lo < hi else None
+
+    def shard_values(self, slot_index: int) -> Optional[torch.Tensor]:
+        """This rank's values of `owned_range(slot_index)`, as a 1-D view that writes go through:
+        the fp32 master for trainable groups, the compute-dtype shard for frozen ones."""
+        owned = self.owned_range(slot_index)
+        if owned is None:
+            return None
+        start, stop = self._shard_range
+        if self.trainable:
+            shard = self.master
+        else:
+            shard = self._frozen_shard if self._frozen_shard is not None else self.full[start:stop]
+        base = self.slots[slot_index].offset - start
+        return shard[base + owned[0] : base + owned[1]]
+
+    def rebuild_parameters(self) -> None:
+        """After shard values were written: make the parameters equal them again. Gathered groups
+        cast their shard into `full` and all-gather it (a collective); sharded groups are freed
+        and gather the new values at their next use."""
+        self.wait_gathered()
+        if not self.keep_gathered:
+            self.reshard()
+            return
+        start, stop = self._shard_range
+        own = self.full[start:stop]
+        if self.trainable and own.data_ptr() != self.master.data_ptr():
+            own.copy_(self.master)
+        if self.ctx.num_shards > 1:
+            self.ctx.comm.all_gather(self.full, own)

@@ -1,0 +1,98 @@
+"""What checkpointing needs to know about an engine: parameter names, this rank's element
+ranges of each flattened parameter, the optimizer piece that steps each range, and buffers.
+
+The one place that reads the engine's sharding internals, so the rest of the package works
+with parameter names and element ranges only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from zerokit.checkpoint.errors import CheckpointError
+from zerokit.zero.flat_group import FlatParamGroup
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """This rank's part [start, stop) of one flattened parameter."""
+
+    name: str
+    group: FlatParamGroup
+    slot_index: int
+    start: int
+    stop: int
+    optimizer_param: Optional[nn.Parameter]  # the piece the optimizer steps; None when frozen or not optimized
+
+    def values(self) -> torch.Tensor:
+        """A writable 1-D view of this rank's values (fp32 master, or compute dtype when frozen)."""
+        return self.group.shard_values(self.slot_index)
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    name: str
+    shape: tuple[int, ...]
+    trainable: bool
+    aliases: tuple[str, ...]  # other names of a tied parameter
+
+
+class EngineView:
+    def __init__(self, engine):
+        self.engine = engine
+        module: nn.Module = engine.module
+        self.groups: list[FlatParamGroup] = [group for unit in engine._runtime.units for group in unit.groups]
+        slot_of = {id(slot.param): (group, index) for group in self.groups for index, slot in enumerate(group.slots)}
+
+        names: dict[int, list[str]] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        self.parameters: list[ParameterInfo] = []
+        slot_by_name: dict[str, tuple[FlatParamGroup, int]] = {}
+        for name, param in module.named_parameters():
+            group, index = slot_of[id(param)]
+            self.parameters.append(ParameterInfo(name, tuple(param.shape), group.trainable, tuple(names[id(param)][1:])))
+            slot_by_name[name] = (group, index)
+
+        parameter_names = {n for all_names in names.values() for n in all_names}
+        state = module.state_dict(keep_vars=True)
+        self.state_dict_keys: list[str] = list(state)
+        self.buffers: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            if key in parameter_names:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(
+                    f"the model's state_dict entry {key!r} is a {type(value).__name__}, not a tensor (module extra "
+                    "state); zerokit checkpoints hold tensors only."
+                )
+            self.buffers[key] = value
+
+        optimizer_piece: dict[tuple[int, int], nn.Parameter] = {
+            (id(group), piece.slot_index): param
+            for group in self.groups if group.trainable
+            for piece, param in zip(group.pieces, group.optimizer_params)
+        }
+        optimized = {id(p): index for index, g in enumerate(engine.optimizer.param_groups) for p in g["params"]}
+        self.optimizer_group_of: dict[str, int] = {}  # optimizer param group of each optimized entry
+        self.entries: list[ShardEntry] = []
+        # Replicated shards (stage 0) are written by rank 0 alone.
+        self.writes_shards = engine._ctx.num_shards > 1 or engine.rank == 0
+        for info in self.parameters:
+            group, index = slot_by_name[info.name]
+            owned = group.owned_range(index)
+            if owned is None:
+                continue
+            piece = optimizer_piece.get((id(group), index))
+            piece = piece if piece is not None and id(piece) in optimized else None
+            if piece is not None:
+                self.optimizer_group_of[info.name] = optimized[id(piece)]
+            self.entries.append(ShardEntry(info.name, group, index, owned[0], owned[1], piece))
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Tied parameters: every other name -> the name the parameter is saved under."""
+        return {alias: info.name for info in self.parameters for alias in info.aliases}
