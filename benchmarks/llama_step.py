@@ -30,10 +30,12 @@ MODELS = {
 SYSTEMS = ("zerokit-1", "zerokit-2", "zerokit-3", "fsdp2", "ddp", "deepspeed-1", "deepspeed-2", "deepspeed-3")
 
 
-def build_model(name: str, device: torch.device, checkpointing: bool) -> torch.nn.Module:
+def build_model(name: str, device: torch.device, checkpointing: bool, layers: int | None = None) -> torch.nn.Module:
+    """The model `name` of MODELS (with `layers` decoder layers instead of its own, if given)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, intermediate, layers, heads = MODELS[name]
+    hidden, intermediate, default_layers, heads = MODELS[name]
+    layers = layers or default_layers
     config = LlamaConfig(
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -154,9 +156,7 @@ def kernel_time_by_category(prof, steps: int) -> dict[str, float]:
     return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--system", required=True, choices=SYSTEMS)
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="0.95b", choices=sorted(MODELS))
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=4)
@@ -165,27 +165,21 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--profile", help="profile two timed steps: print GPU time by kernel category, and write "
                         "chrome traces to this folder (or 'summary' for the printout only)")
-    args = parser.parse_args()
 
-    dist.init_process_group("nccl")
+
+def measure(system: str, step, args: argparse.Namespace, device: torch.device, n_params: int, layers: int) -> dict:
+    """Warm-up and timed steps of `step(tokens) -> loss` on every rank; rank 0 gets the result
+    line (the others an empty dict)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    torch.cuda.set_device(device)
-    # Every system starts from the same weights: built on the GPU under one seed.
-    model = build_model(args.model, device, args.activation_checkpointing)
-    n_params = sum(p.numel() for p in model.parameters())
-    hidden, _, layers, _ = MODELS[args.model]
-    runner = Runner(args.system, model, args.micro_batch, device)
-    del model
-    torch.cuda.empty_cache()
+    hidden = MODELS[args.model][0]
 
-    def batch(step: int) -> torch.Tensor:
-        generator = torch.Generator(device=device).manual_seed(1000 * step + rank)
+    def batch(index: int) -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(1000 * index + rank)
         return torch.randint(0, 32000, (args.micro_batch, args.seq), device=device, generator=generator)
 
     losses = []
-    for step in range(args.warmup):
-        losses.append(runner.step(batch(step)))
+    for index in range(args.warmup):
+        losses.append(step(batch(index)))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     dist.barrier()
@@ -195,9 +189,9 @@ def main() -> None:
 
         def on_trace_ready(prof) -> None:
             if rank == 0:
-                print(json.dumps({"system": args.system, "gpu_ms_per_step": kernel_time_by_category(prof, steps=2)}))
+                print(json.dumps({"system": system, "gpu_ms_per_step": kernel_time_by_category(prof, steps=2)}))
             if args.profile != "summary":
-                prof.export_chrome_trace(os.path.join(args.profile, f"{args.system}-rank{rank}.json"))
+                prof.export_chrome_trace(os.path.join(args.profile, f"{system}-rank{rank}.json"))
 
         profiler = profile(
             activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
@@ -206,8 +200,8 @@ def main() -> None:
         )
     start = time.perf_counter()
     with profiler as prof:
-        for step in range(args.warmup, args.warmup + args.steps):
-            losses.append(runner.step(batch(step)))
+        for index in range(args.warmup, args.warmup + args.steps):
+            losses.append(step(batch(index)))
             if args.profile:
                 prof.step()
     torch.cuda.synchronize()
@@ -219,23 +213,44 @@ def main() -> None:
     dist.all_reduce(mean_losses)
     mean_losses /= world
     tokens = args.micro_batch * args.seq
-    if rank == 0:
-        result = {
-            "system": args.system,
-            "gpus": world,
-            "gpu": torch.cuda.get_device_name(device),
-            "model": args.model,
-            "params": n_params,
-            "seq": args.seq,
-            "micro_batch": args.micro_batch,
-            "activation_checkpointing": args.activation_checkpointing,
-            "step_s": round(step_time, 4),
-            "tok_s_gpu": round(tokens / step_time),
-            "tflops_gpu": round((6 * n_params + 12 * layers * hidden * args.seq) * tokens / step_time / 1e12, 1),
-            "peak_gib": round(peak.item() / 2**30, 2),
-            "losses": [round(x, 4) for x in mean_losses.tolist()],
-            "torch": torch.__version__,
-        }
+    if rank != 0:
+        return {}
+    return {
+        "system": system,
+        "gpus": world,
+        "gpu": torch.cuda.get_device_name(device),
+        "model": args.model,
+        "params": n_params,
+        "seq": args.seq,
+        "micro_batch": args.micro_batch,
+        "activation_checkpointing": args.activation_checkpointing,
+        "step_s": round(step_time, 4),
+        "tok_s_gpu": round(tokens / step_time),
+        "tflops_gpu": round((6 * n_params + 12 * layers * hidden * args.seq) * tokens / step_time / 1e12, 1),
+        "peak_gib": round(peak.item() / 2**30, 2),
+        "losses": [round(x, 4) for x in mean_losses.tolist()],
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--system", required=True, choices=SYSTEMS)
+    add_timing_arguments(parser)
+    args = parser.parse_args()
+
+    dist.init_process_group("nccl")
+    rank = dist.get_rank()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    torch.cuda.set_device(device)
+    # Every system starts from the same weights: built on the GPU under one seed.
+    model = build_model(args.model, device, args.activation_checkpointing)
+    n_params = sum(p.numel() for p in model.parameters())
+    runner = Runner(args.system, model, args.micro_batch, device)
+    del model
+    torch.cuda.empty_cache()
+    result = measure(args.system, runner.step, args, device, n_params, MODELS[args.model][2])
+    if result:
         print(json.dumps(result), flush=True)
     dist.destroy_process_group()
 

@@ -2,7 +2,8 @@
 
 Every path exposes the same functions (see offload/fallback/__init__.py). `extension_status()`
 says which path is active and why; `zerokit report` prints it. The Python fallback is correct
-but slower, and announces itself with one warning per process.
+but slower, and announces itself with one warning per process. ZEROKIT_PYTHON_OPS=1 selects
+the Python ops on purpose (their Adam follows torch.optim's operation order bit for bit).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Literal, Optional
 from offload.native_flags import CXX_FLAGS, LINK_FLAGS
 
 JIT_ENV = "ZEROKIT_JIT"  # "0" disables the JIT build
+PYTHON_ENV = "ZEROKIT_PYTHON_OPS"  # "1" selects the pure-Python ops (bit-exact torch Adam order; debugging)
 JIT_MODULE_NAME = "zerokit_native"
 NATIVE_SOURCES = ("async_io.cpp", "bindings.cpp", "cpu_adam.cpp", "host_memory.cpp")
 
@@ -57,6 +59,8 @@ def _import_prebuilt() -> ModuleType:
 
 @functools.cache
 def _load() -> tuple[ModuleType, ExtensionStatus]:
+    if os.environ.get(PYTHON_ENV, "0") == "1":
+        return importlib.import_module("offload.fallback"), ExtensionStatus("python", f"{PYTHON_ENV}=1 selects it")
     try:
         return _import_prebuilt(), ExtensionStatus("prebuilt", "zerokit._C is installed")
     except ImportError as error:

@@ -10,7 +10,7 @@ from offload.extension import extension_status, native_ops
 from offload.raw_memory import IO_ALIGNMENT
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a buffer is itself, not its contents: pools find them by identity
 class HostBuffer:
     tensor: torch.Tensor  # uint8, exactly the requested bytes, starting at an aligned address
     pinned: bool

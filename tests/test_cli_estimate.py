@@ -16,9 +16,11 @@ TOP = {"schema", "model", "workload", "hardware", "assumptions", "activations", 
 MODEL = {"name", "parameters", "trainable_parameters", "blocks", "sharding_units"}
 WORKLOAD = {"micro_batch", "seq", "dtype", "attention_kernels"}
 HARDWARE = {"nodes", "gpus_per_node", "world_size", "gpu_memory_bytes", "host_memory_bytes", "nvme_bytes"}
+# offload_buffers: the engine's offload buffer settings, which the offload rows now follow
+# (they replaced a fixed count of staging buffers)
 ASSUMPTIONS = {
     "gradient_accumulation_steps", "reduce_dtype", "optimizer", "allocator_overhead_fraction", "gpu_runtime_bytes",
-    "host_runtime_bytes_per_rank", "reductions_in_flight", "staging_buffers", "costs",
+    "host_runtime_bytes_per_rank", "reductions_in_flight", "offload_buffers", "costs",
 }  # fmt: skip
 ACTIVATIONS = {"largest_block", "outside_blocks_saved_bytes"}
 BLOCK = {

@@ -60,7 +60,17 @@ def test_config_is_frozen_and_typed() -> None:
         ({"zero_optimization": {"stag": 2}}, "did you mean 'zero_optimization.stage'"),
         ({"gradient_clip": 1.0}, "did you mean 'gradient_clipping'"),
         ({"bf16": {"enable": True}}, "did you mean 'bf16.enabled'"),
-        ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "not supported"),
+        # offload needs sharded states: optimizer offload stage >= 1, parameter offload stage 3
+        ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "set zero_optimization.stage to 1, 2 or 3"),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "needs stage 3"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}, "no nvme_path is set"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}}, "expected none, cpu or nvme"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}},
+         "partial optimizer offload is not implemented"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "buffer_count": 1}}},
+         "buffer_count=1"),
+        ({"zero_optimization": {"stage": 2, "cpu_offload": True}}, "use offload_optimizer"),
+        ({"zero_optimization": {"stage": 2, "host_memory_budget": 0}}, "host_memory_budget=0"),
         ({"zero_optimization": {"stage": 4}}, "expected 0, 1, 2 or 3"),
         ({"zero_optimization": {"stage": "3"}}, "expected an integer"),
         ({"zero_optimization": {"overlap_comm": 1}}, "expected true or false"),
@@ -75,6 +85,23 @@ def test_bad_config_fails_clearly(raw: dict, message: str) -> None:
     with pytest.raises(ConfigError) as error:
         Config.load(raw)
     assert message.lower() in str(error.value).lower()
+
+
+def test_deepspeed_offload_sections_load() -> None:
+    config = Config.load({"zero_optimization": {
+        "stage": 3,
+        "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme", "pin_memory": True, "buffer_count": 4,
+                              "fast_init": False, "pipeline_read": True, "pipeline_write": True},
+        "offload_param": {"device": "cpu", "pin_memory": True, "buffer_count": 5, "buffer_size": 1e8,
+                          "max_in_cpu": 1e9},
+        "host_memory_budget": 64 * 2**30,
+    }})  # fmt: skip
+    zero = config.zero_optimization
+    assert (zero.offload_optimizer.device, zero.offload_optimizer.nvme_path) == ("nvme", "/local_nvme")
+    assert (zero.offload_param.device, zero.offload_param.buffer_size, zero.offload_param.max_in_cpu) == (
+        "cpu", 100_000_000, 1_000_000_000)
+    assert zero.host_memory_budget == 64 * 2**30
+    assert Config.load(config.to_dict()) == config
 
 
 def test_missing_or_broken_file(tmp_path) -> None:

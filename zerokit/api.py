@@ -13,6 +13,7 @@ from zerokit.distributed import setup_distributed
 from zerokit.engine import Engine
 from zerokit.nn import convert_to_wtacrs
 from zerokit.optim import check_optimizer
+from zerokit.zero.host_optimizer import check_offloadable, check_offloadable_config
 
 
 def initialize(
@@ -33,6 +34,11 @@ def initialize(
         raise ConfigError("an optimizer was passed and the config has an 'optimizer' section: keep only one of them.")
     if optimizer is not None:
         check_optimizer(optimizer)
+    if config.zero_optimization.offload_optimizer.device != "none":
+        if optimizer is not None:
+            check_offloadable(optimizer)
+        else:
+            check_offloadable_config(config.optimizer)
     dist_ctx = setup_distributed()
     config = config.resolve_batch(dist_ctx.world_size)
     if config.wtacrs is not None:

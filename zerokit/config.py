@@ -72,6 +72,72 @@ class SchedulerConfig:
         object.__setattr__(self, "params", _frozen_mapping(self.params))
 
 
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+@dataclass(frozen=True)
+class OffloadOptimizerConfig:
+    """ZeRO-Offload: this rank's fp32 master weights and Adam moments live in host memory (cpu)
+    or in swap files under nvme_path (nvme), and the CPU steps them; the device keeps only the
+    parameters in compute dtype."""
+
+    device: str = "none"
+    nvme_path: Optional[str] = None
+    # Pin the host buffers that DMA copies touch (gradient shards, parameter uploads).
+    pin_memory: bool = True
+    # Pinned buffers that carry updated parameters to the device (and gradients being
+    # accumulated) while the CPU works on the next tile.
+    buffer_count: int = 4
+    # The fraction of the optimizer offloaded; zerokit offloads all of it.
+    ratio: float = 1.0
+    # zerokit: elements of one optimizer tile, the unit of CPU work, NVMe swapping and upload.
+    tile_size: int = 1 << 23
+
+    def __post_init__(self):
+        _check_offload_device("offload_optimizer", self.device, self.nvme_path)
+        _check(self.buffer_count >= 2, "zero_optimization.offload_optimizer.buffer_count", self.buffer_count,
+               "an integer >= 2 (one buffer is filled while another is copied)")
+        _check(self.ratio == 1.0, "zero_optimization.offload_optimizer.ratio", self.ratio,
+               "1.0: partial optimizer offload is not implemented, remove the key")
+        _check(self.tile_size >= 16, "zero_optimization.offload_optimizer.tile_size", self.tile_size,
+               "an integer >= 16 (elements)")
+
+
+@dataclass(frozen=True)
+class OffloadParamConfig:
+    """ZeRO-Infinity (stage 3): this rank's parameter shards live in host memory (cpu) or in
+    swap files under nvme_path (nvme) and are copied to the device to be gathered."""
+
+    device: str = "none"
+    nvme_path: Optional[str] = None
+    pin_memory: bool = True
+    # nvme: shards read ahead of their use, each into its own pinned buffer.
+    buffer_count: int = 5
+    # nvme: the most elements one staging buffer may hold; every sharding unit's shard must
+    # fit. Buffers are allocated at the size of the largest shard, not at this size.
+    buffer_size: int = 100_000_000
+    # nvme: elements of parameter shards kept in host memory instead (the first units).
+    max_in_cpu: int = 1_000_000_000
+
+    def __post_init__(self):
+        _check_offload_device("offload_param", self.device, self.nvme_path)
+        _check(self.buffer_count >= 1, "zero_optimization.offload_param.buffer_count", self.buffer_count,
+               "an integer >= 1")
+        _check(self.buffer_size >= 1, "zero_optimization.offload_param.buffer_size", self.buffer_size,
+               "a positive integer (elements)")
+        _check(self.max_in_cpu >= 0, "zero_optimization.offload_param.max_in_cpu", self.max_in_cpu,
+               "an integer >= 0 (elements)")
+
+
+def _check_offload_device(section: str, device: str, nvme_path: Optional[str]) -> None:
+    _check(device in OFFLOAD_DEVICES, f"zero_optimization.{section}.device", device, "none, cpu or nvme")
+    if device == "nvme" and not nvme_path:
+        raise ConfigError(
+            f"zero_optimization.{section}.device is nvme but no nvme_path is set: give the directory on a local "
+            "NVMe drive that should hold the swap files."
+        )
+
+
 @dataclass(frozen=True)
 class ZeroConfig:
     stage: int = 0
@@ -95,9 +161,27 @@ class ZeroConfig:
     # zerokit: class names of the modules that become sharding units. Empty: the repeated
     # blocks of every ModuleList (transformer layers), else each direct child with parameters.
     shard_unit_classes: tuple[str, ...] = ()
+    offload_optimizer: OffloadOptimizerConfig = field(default_factory=OffloadOptimizerConfig)
+    offload_param: OffloadParamConfig = field(default_factory=OffloadParamConfig)
+    # zerokit: bytes of host memory this rank's offload may hold (masters, moments, gradient and
+    # parameter shards, staging buffers); checked before anything is allocated. None: no limit.
+    host_memory_budget: Optional[int] = None
 
     def __post_init__(self):
         _check(self.stage in (0, 1, 2, 3), "zero_optimization.stage", self.stage, "0, 1, 2 or 3")
+        if self.offload_param.device != "none" and self.stage != 3:
+            raise ConfigError(
+                f"zero_optimization.offload_param.device={self.offload_param.device!r} needs stage 3 (only stage 3 "
+                f"shards parameters), but zero_optimization.stage is {self.stage}: set the stage to 3 or remove "
+                "offload_param."
+            )
+        if self.offload_optimizer.device != "none" and self.stage == 0:
+            raise ConfigError(
+                f"zero_optimization.offload_optimizer.device={self.offload_optimizer.device!r} needs sharded "
+                "optimizer states: set zero_optimization.stage to 1, 2 or 3."
+            )
+        _check(self.host_memory_budget is None or self.host_memory_budget >= 1, "zero_optimization.host_memory_budget",
+               self.host_memory_budget, "a positive number of bytes, or null for no limit")
         for name in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters"):
             _check(getattr(self, name) >= 1, f"zero_optimization.{name}", getattr(self, name), "a positive integer")
         _check(
@@ -229,6 +313,10 @@ _IGNORED_DEEPSPEED_KEYS = types.MappingProxyType({
     "zero_optimization.stage3_max_reuse_distance": "a gathered unit is freed when its last use ends",
     "zero_optimization.stage3_gather_16bit_weights_on_model_save": "use engine checkpoints and export",
     "zero_optimization.ignore_unused_parameters": "unused parameters are always handled",
+    "zero_optimization.offload_optimizer.fast_init": "swap files are written once, at start-up",
+    "zero_optimization.offload_optimizer.pipeline": "NVMe reads and writes always overlap the CPU step",
+    "zero_optimization.offload_optimizer.pipeline_read": "NVMe reads always run ahead of the CPU step",
+    "zero_optimization.offload_optimizer.pipeline_write": "NVMe writes always run behind the CPU step",
     "zero_allow_untested_optimizer": "any element-wise torch optimizer is accepted",
     "wall_clock_breakdown": "use `zerokit profile` for timelines",
     "memory_breakdown": "use `zerokit profile` for memory timelines",
@@ -238,8 +326,9 @@ _IGNORED_DEEPSPEED_KEYS = types.MappingProxyType({
 
 # DeepSpeed features zerokit does not offer: say so instead of "unknown key".
 _UNSUPPORTED_DEEPSPEED_KEYS = types.MappingProxyType({
-    "zero_optimization.offload_optimizer": "optimizer offload is not available in this version of zerokit",
-    "zero_optimization.offload_param": "parameter offload is not available in this version of zerokit",
+    "zero_optimization.cpu_offload": "it is DeepSpeed's old name: use offload_optimizer: {\"device\": \"cpu\"}",
+    "zero_optimization.cpu_offload_params": "it is DeepSpeed's old name: use offload_param: {\"device\": \"cpu\"}",
+    "zero_optimization.cpu_offload_use_pin_memory": "it is DeepSpeed's old name: use offload_optimizer.pin_memory",
     "pipeline": "pipeline parallelism is not part of zerokit",
     "activation_checkpointing": "use the activation_memory section (policy recompute, swap or memo)",
     "amp": "use bf16 or fp16 sections instead of apex amp",

@@ -4,6 +4,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -20,8 +22,10 @@ from zerokit.optim import build_optimizer, repoint_optimizer
 from zerokit.zero.collectives import Collectives
 from zerokit.zero.flat_group import ShardingContext
 from zerokit.zero.materialize import build_unit, check_initializers, move_buffers, shared_seed
-from zerokit.zero.memory import GiB, check_fits
-from zerokit.zero.policy import ShardingPolicy
+from zerokit.zero.host_optimizer import OffloadedAdam
+from zerokit.zero.memory import GiB, check_fits, check_offload_fits, model_state_bytes
+from zerokit.zero.offload_resources import OffloadResources
+from zerokit.zero.policy import OffloadPolicy, ShardingPolicy
 from zerokit.zero.runtime import ShardingRuntime
 from zerokit.zero.streams import StreamSet
 from zerokit.zero.units import plan_units
@@ -51,25 +55,38 @@ class Engine:
 
         zero = config.zero_optimization
         self._policy = ShardingPolicy.from_config(zero)
+        offload = OffloadPolicy.from_config(zero)
         self._comm = Collectives(dist_ctx.group, self.rank, self.world_size)
         sharded = self._policy.shard_optimizer
+        num_shards, shard_index = (self.world_size, self.rank) if sharded else (1, 0)
+        streams = StreamSet(self.device, zero.overlap_comm, transfers=offload.active)
+        specs = plan_units(model, zero.shard_unit_classes)
+        check_initializers(model, specs)
+        need = model_state_bytes(
+            specs, self._policy, config.compute_dtype, num_shards, shard_index, config.reduce_dtype, offload,
+            config.accumulation_steps, pin=self.device.type == "cuda",
+        )  # fmt: skip
+        check_fits(need, self.device, zero.stage, offload)
+        check_offload_fits(need.offload, offload, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self._offload = OffloadResources(offload, need.offload, streams, self.rank) if offload.active else None
+        # Swap files go when the engine does (or at exit), whoever drops it.
+        self._close_offload = weakref.finalize(self, self._offload.close) if self._offload else None
         self._ctx = ShardingContext(
             device=self.device,
             compute_dtype=config.compute_dtype,
             reduce_dtype=config.reduce_dtype,
-            num_shards=self.world_size if sharded else 1,
-            shard_index=self.rank if sharded else 0,
+            num_shards=num_shards,
+            shard_index=shard_index,
             comm=self._comm,
-            streams=StreamSet(self.device, zero.overlap_comm),
+            streams=streams,
+            offload=self._offload,
         )
-        specs = plan_units(model, zero.shard_unit_classes)
-        check_initializers(model, specs)
-        check_fits(specs, self._policy, self._ctx, zero.stage)
         any_meta = any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers())
         seed = shared_seed(self._ctx) if any_meta else 0
-        units = [build_unit(model, spec, self._ctx, self._policy, seed + i) for i, spec in enumerate(specs)]
+        units = [build_unit(model, spec, self._ctx, self._policy, seed + i, i) for i, spec in enumerate(specs)]
         move_buffers(model, self.device)
-        self._runtime = ShardingRuntime(units, self._policy, self._ctx.streams)
+        read_ahead = offload.params.buffer_count if offload.params.device == "nvme" else 0
+        self._runtime = ShardingRuntime(units, self._policy, self._ctx.streams, read_ahead)
         # After the sharding hooks, so a block's parameters are gathered before its activations are managed.
         memory = config.activation_memory
         self.activations = apply_activation_memory(model, memory, self.device) if memory is not None else None
@@ -83,10 +100,15 @@ class Engine:
         if optimizer is not None:
             self.optimizer = repoint_optimizer(optimizer, model.parameters(), pieces)
         else:
-            self.optimizer = build_optimizer(config.optimizer, [{"params": list(pieces.values())}], self.device)
+            # Under optimizer offload the optimizer only holds hyper-parameters: build it for the CPU.
+            where = torch.device("cpu") if offload.offloads_optimizer else self.device
+            self.optimizer = build_optimizer(config.optimizer, [{"params": list(pieces.values())}], where)
+        # Under optimizer offload, `self.optimizer` keeps the param_groups (lr, schedulers,
+        # checkpoints) and the CPU kernel steps: see zero/host_optimizer.py.
+        self._host_adam = OffloadedAdam(self.optimizer, self._groups) if offload.offloads_optimizer else None
         self.lr_scheduler = build_scheduler(config.scheduler, self.optimizer) if config.scheduler else None
         self.loss_scaler = LossScaler(config.fp16) if config.fp16.enabled else None
-        profiler.track_model_states(self.memory_breakdown)  # a no-op unless run under `zerokit profile`
+        profiler.track_model_states(self._device_memory_breakdown)  # a no-op unless run under `zerokit profile`
 
     # -- the training loop ---------------------------------------------------------------------
 
@@ -139,32 +161,61 @@ class Engine:
         return (self.micro_steps + 1) % self.config.accumulation_steps == 0
 
     def _optimizer_step(self) -> None:
-        grads = [group.grad_shard for group in self._groups if group.grad_shard is not None]
+        offloaded = self._host_adam is not None
+        if offloaded:  # the gradient shards in host memory, once every copy to them has landed
+            with profiler.phase("offload"):
+                for group in self._groups:
+                    group.host_grads.settle()
+            landed = [group for group in self._groups if group.host_grads.reductions]
+            grads = [group.host_grads.buffer for group in landed]
+        else:
+            grads = [group.grad_shard for group in self._groups if group.grad_shard is not None]
         if self.loss_scaler is not None and self.loss_scaler.unscale_and_check(grads, self._comm, self.device):
             self.skipped_steps += 1
             for group in self._groups:
                 group.release_grads()
             return
+        coefficient = None
         if self.config.gradient_clipping > 0:
-            self.grad_norm = self._clip(grads, self.config.gradient_clipping)
-        for group in self._groups:
-            group.attach_grads()
-        self.optimizer.step()
-        for group in self._groups:
-            group.release_grads()
-        self._runtime.refresh_parameters()
+            # Norms taken on the device as the shards were reduced spare the host a pass over them
+            # (only valid when each shard is one reduction, and not while fp16 grads were scaled).
+            norms = [group.host_grads.device_norm for group in landed] if offloaded else None
+            if norms is not None and (self.loss_scaler is not None or any(n is None for n in norms)):
+                norms = None
+            self.grad_norm, coefficient = self._clip_coefficient(grads, self.config.gradient_clipping, norms)
+        if offloaded:
+            with profiler.phase("offload"):
+                self._host_adam.step(None if coefficient is None else coefficient.item())
+            for group in self._groups:
+                group.release_grads()
+        else:
+            if coefficient is not None:
+                torch._foreach_mul_(grads, coefficient)  # as clip_grads_with_norm_, on the shards themselves
+            for group in self._groups:
+                group.attach_grads()
+            self.optimizer.step()
+            for group in self._groups:
+                group.release_grads()
+            self._runtime.refresh_parameters()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
 
-    def _clip(self, grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """Clip by the global norm over all shards, as torch.nn.utils.clip_grad_norm_ does."""
-        squares = torch.nn.utils.get_total_norm(grads).square() if grads else torch.zeros((), device=self.device)
+    def _clip_coefficient(
+        self, grads: list[torch.Tensor], max_norm: float, norms: Optional[list[torch.Tensor]] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global norm over all shards (from `grads`, or from per-shard `norms`) and the
+        coefficient torch.nn.utils.clip_grad_norm_ would scale gradients by."""
+        if norms:
+            total = torch.linalg.vector_norm(torch.stack(norms))
+        elif grads:
+            total = torch.nn.utils.get_total_norm(grads)
+        else:
+            total = torch.zeros((), device=self.device)
+        squares = total.square().to(self.device)
         if self._ctx.num_shards > 1:
             self._comm.all_reduce(squares)
         total = squares.sqrt()
-        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coefficient)  # as clip_grads_with_norm_, on the shards themselves
-        return total
+        return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
     # -- conveniences --------------------------------------------------------------------------
 
@@ -180,7 +231,25 @@ class Engine:
         return self.loss_scaler.scale if self.loss_scaler else 1.0
 
     def memory_breakdown(self) -> dict[str, int]:
-        """Bytes this rank holds now for model states, by category."""
+        """Bytes this rank holds now for model states, by category: on the device (parameters,
+        master_weights, gradients, optimizer_states) and, with offload, in host memory
+        (host_<category>, staging buffers included) and in swap files (nvme_<category>)."""
+        totals = self._device_memory_breakdown()
+        if self._offload is not None:
+            totals.update(self._offload.breakdown())
+        return totals
+
+    def swap_directories(self) -> list[str]:
+        """The directories holding this rank's swap files (NVMe offload), removed by `close`."""
+        return self._offload.swap_directories() if self._offload is not None else []
+
+    def close(self) -> None:
+        """Finish offload copies and I/O and remove this rank's swap files. The engine cannot
+        train afterwards. Also happens when the engine is garbage collected, or at exit."""
+        if self._close_offload is not None:
+            self._close_offload()
+
+    def _device_memory_breakdown(self) -> dict[str, int]:
         totals: collections.Counter[str] = collections.Counter()
         for unit in self._runtime.units:
             for group in unit.groups:
@@ -234,7 +303,7 @@ class Engine:
         try:
             yield
         except torch.OutOfMemoryError as error:
-            held = self.memory_breakdown()
+            held = self._device_memory_breakdown()
             detail = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in held.items())
             stage = self.config.zero_optimization.stage
             advice = [
@@ -243,6 +312,8 @@ class Engine:
             ]
             if stage < 3:
                 advice.insert(0, f"raise zero_optimization.stage to {stage + 1}")
+            if stage >= 1 and self._host_adam is None:
+                advice.append("offload the optimizer (zero_optimization.offload_optimizer.device cpu)")
             if self._policy.shard_parameters:
                 advice.append("lower stage3_prefetch_bucket_size")
             raise torch.OutOfMemoryError(

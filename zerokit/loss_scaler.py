@@ -25,7 +25,8 @@ class LossScaler:
         if not grads:
             found = torch.zeros(1, device=device)
         else:
-            found = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float().reshape(1)
+            # On the device for the all-reduce, wherever the gradients are (host memory under offload).
+            found = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float().reshape(1).to(device)
         comm.all_reduce(found, op=dist.ReduceOp.MAX)
         overflow = bool(found.item())
         if not overflow:

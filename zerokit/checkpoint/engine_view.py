@@ -1,8 +1,11 @@
 """What checkpointing needs to know about an engine: parameter names, this rank's element
-ranges of each flattened parameter, the optimizer piece that steps each range, and buffers.
+ranges of each flattened parameter, the optimizer piece that steps each range (and its state),
+and buffers.
 
 The one place that reads the engine's sharding internals, so the rest of the package works
-with parameter names and element ranges only.
+with parameter names and element ranges only. Under offload the values and optimizer states of
+a range are read from and written to host memory or NVMe one range at a time: nothing gathers a
+rank's states, let alone the model, in one place.
 """
 from __future__ import annotations
 
@@ -26,10 +29,29 @@ class ShardEntry:
     start: int
     stop: int
     optimizer_param: Optional[nn.Parameter]  # the piece the optimizer steps; None when frozen or not optimized
+    piece_index: Optional[int] = None  # its index in the group's pieces
 
     def values(self) -> torch.Tensor:
-        """A writable 1-D view of this rank's values (fp32 master, or compute dtype when frozen)."""
+        """This rank's values, 1-D (fp32 master, or compute dtype when frozen): a view where they
+        are in memory, a copy where they are on NVMe."""
         return self.group.shard_values(self.slot_index)
+
+    def write_values(self, values: torch.Tensor) -> None:
+        self.group.set_shard_values(self.slot_index, values)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state of this range, as torch.optim keeps it ({} before a first step)."""
+        if self.optimizer_param is None:
+            return {}
+        if self.group.host_optimizer is None:
+            return optimizer.state.get(self.optimizer_param, {})
+        piece = self.group.pieces[self.piece_index]
+        return self.group.host_optimizer.piece_state(self.piece_index, piece.start, piece.stop)
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Offloaded optimizers only: set this range's state (torch.optim's form)."""
+        piece = self.group.pieces[self.piece_index]
+        self.group.host_optimizer.load_piece_state(self.piece_index, piece.start, piece.stop, state)
 
 
 @dataclass(frozen=True)
@@ -71,10 +93,10 @@ class EngineView:
                 )
             self.buffers[key] = value
 
-        optimizer_piece: dict[tuple[int, int], nn.Parameter] = {
-            (id(group), piece.slot_index): param
+        optimizer_piece: dict[tuple[int, int], tuple[int, nn.Parameter]] = {
+            (id(group), piece.slot_index): (index, param)
             for group in self.groups if group.trainable
-            for piece, param in zip(group.pieces, group.optimizer_params)
+            for index, (piece, param) in enumerate(zip(group.pieces, group.optimizer_params))
         }
         optimized = {id(p): index for index, g in enumerate(engine.optimizer.param_groups) for p in g["params"]}
         self.optimizer_group_of: dict[str, int] = {}  # optimizer param group of each optimized entry
@@ -86,11 +108,31 @@ class EngineView:
             owned = group.owned_range(index)
             if owned is None:
                 continue
-            piece = optimizer_piece.get((id(group), index))
+            piece_index, piece = optimizer_piece.get((id(group), index), (None, None))
             piece = piece if piece is not None and id(piece) in optimized else None
             if piece is not None:
                 self.optimizer_group_of[info.name] = optimized[id(piece)]
-            self.entries.append(ShardEntry(info.name, group, index, owned[0], owned[1], piece))
+            self.entries.append(ShardEntry(info.name, group, index, owned[0], owned[1], piece, piece_index))
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        return self.engine._host_adam is not None
+
+    def load_optimizer_state_dict(self, state_dict: dict) -> None:
+        """Load a torch optimizer state_dict over this rank's pieces (numbered as the optimizer's
+        param_groups list them): into the optimizer itself, or, under optimizer offload, the
+        hyper-parameters into it and each piece's state into the offloaded store."""
+        optimizer = self.engine.optimizer
+        if not self.offloads_optimizer:
+            optimizer.load_state_dict(state_dict)
+            return
+        optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        entry_of = {id(e.optimizer_param): e for e in self.entries if e.optimizer_param is not None}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, param in enumerate(params):
+            entry = entry_of.get(id(param))
+            if entry is not None:
+                entry.load_optimizer_state(state_dict["state"].get(index, {}))
 
     @property
     def aliases(self) -> dict[str, str]:

@@ -40,7 +40,7 @@ def load_full_state_dict(
 
     def apply() -> None:
         for entry in view.entries:
-            entry.values().copy_(opened.read(stored_of[entry.name], entry.start, entry.stop))
+            entry.write_values(opened.read(stored_of[entry.name], entry.start, entry.stop))
         for name, buffer in view.buffers.items():
             if name in stored_of:
                 buffer.copy_(opened.read_full(stored_of[name]))
@@ -103,7 +103,7 @@ def gather_optimizer_state(engine) -> dict[str, dict[str, Any]]:
     view = EngineView(engine)
     pieces = []
     for entry in view.entries:
-        state = engine.optimizer.state.get(entry.optimizer_param, {}) if entry.optimizer_param is not None else {}
+        state = entry.optimizer_state(engine.optimizer)
         if state:
             pieces.append((entry.name, entry.start, entry.stop, {
                 k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()

@@ -159,7 +159,7 @@ def _apply(reader: CheckpointReader, view: EngineView, load_optimizer_states: bo
     engine = view.engine
     metadata = reader.metadata
     for entry in view.entries:
-        reader.copy_range(_saved_name(reader, entry.name, view), entry.start, entry.stop, entry.values())
+        entry.write_values(reader.read_range(_saved_name(reader, entry.name, view), entry.start, entry.stop))
     for group in view.groups:
         for slot in group.slots:
             slot.param.grad = None
@@ -168,7 +168,7 @@ def _apply(reader: CheckpointReader, view: EngineView, load_optimizer_states: bo
     for name, buffer in view.buffers.items():
         buffer.copy_(reader.buffer(name))
     if load_optimizer_states:
-        engine.optimizer.load_state_dict(_optimizer_state_dict(reader, view))
+        view.load_optimizer_state_dict(_optimizer_state_dict(reader, view))
 
     engine.global_step = metadata["global_step"]
     engine.micro_steps = metadata["micro_steps"]

@@ -48,7 +48,7 @@ def take_snapshot(view: EngineView, client_state: Any) -> RankSnapshot:
     index = []
     for entry in view.entries if view.writes_shards else []:
         record: dict[str, Any] = {"values": entry.values()}
-        state = engine.optimizer.state.get(entry.optimizer_param, {}) if entry.optimizer_param is not None else {}
+        state = entry.optimizer_state(engine.optimizer)
         if state:
             record["optimizer"], record["optimizer_scalars"] = split_state(state, entry.stop - entry.start)
         parameters[entry.name] = record

@@ -19,11 +19,11 @@ visible in `--json` under "assumptions":
   fragmentation: the gap between max_memory_reserved and max_memory_allocated);
 - outside PyTorch's allocator: GPU_RUNTIME_BYTES per GPU (CUDA context, NCCL, library handles),
   HOST_RUNTIME_BYTES of host memory per rank (Python, torch and CUDA libraries);
-- offload (ZeRO-Offload / ZeRO-Infinity placement): "cpu_optimizer" keeps fp32 masters, moments
-  and reduced gradients in host memory (stage >= 1); "cpu_optimizer_params" also the parameter
-  shards (stage 3); "nvme" puts masters, moments and parameter shards on NVMe with the gradients
-  in host memory (stage 3); every offload stages transfers through STAGING_BUFFERS pinned buffers
-  of the largest unit's shard.
+- offload (ZeRO-Offload / ZeRO-Infinity placement, with the engine's default offload settings):
+  "cpu_optimizer" keeps fp32 masters, moments and reduced gradients in host memory (stage >= 1);
+  "cpu_optimizer_params" also the parameter shards (stage 3); "nvme" puts masters, moments and
+  parameter shards on NVMe with the gradients in host memory (stage 3, max_in_cpu 0). Host, NVMe
+  and staging bytes are the engine's own plan (zero/memory.py), byte for byte;
 
 The fastest configuration that fits is the one with the least relative cost, the product of
 per-choice step-time factors (COSTS) from measured step times of ZeRO/FSDP systems on H100s:
@@ -39,13 +39,13 @@ from typing import Mapping, Optional
 
 import torch
 
-from zerokit.config import ZeroConfig
+from zerokit.config import OffloadOptimizerConfig, OffloadParamConfig, ZeroConfig
 from zerokit.profiler.activations import POLICIES, BlockActivations, block_activations, gpu_timeline, host_bytes
 from zerokit.profiler.attention import TARGETS, Target
 from zerokit.profiler.models import ModelSource, build_on_meta, resolve_model
 from zerokit.profiler.trace import OUTSIDE, StepTrace, trace_step
-from zerokit.zero.memory import FP32_BYTES, ModelStateBytes, model_state_bytes
-from zerokit.zero.policy import ShardingPolicy
+from zerokit.zero.memory import ModelStateBytes, model_state_bytes
+from zerokit.zero.policy import OffloadPolicy, ShardingPolicy
 from zerokit.zero.units import plan_units
 
 SCHEMA = "zerokit.estimate/1"
@@ -65,7 +65,14 @@ ALLOCATOR_OVERHEAD = 0.10
 GPU_RUNTIME_BYTES = 1 << 30
 HOST_RUNTIME_BYTES = 2 << 30
 REDUCTIONS_IN_FLIGHT = 2
-STAGING_BUFFERS = 2
+_NVME = "nvme_path"  # a placeholder: the arithmetic does not look at the directory
+OFFLOAD_POLICIES = {
+    "none": OffloadPolicy(),
+    "cpu_optimizer": OffloadPolicy(OffloadOptimizerConfig(device="cpu")),
+    "cpu_optimizer_params": OffloadPolicy(OffloadOptimizerConfig(device="cpu"), OffloadParamConfig(device="cpu")),
+    "nvme": OffloadPolicy(OffloadOptimizerConfig(device="nvme", nvme_path=_NVME),
+                          OffloadParamConfig(device="nvme", nvme_path=_NVME, max_in_cpu=0)),
+}  # fmt: skip
 COSTS = {
     "stage": {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.3},
     "offload": {"none": 1.0, "cpu_optimizer": 1.7, "cpu_optimizer_params": 5.8, "nvme": 12.0},
@@ -213,7 +220,11 @@ class Estimate:
                 "gpu_runtime_bytes": GPU_RUNTIME_BYTES,
                 "host_runtime_bytes_per_rank": HOST_RUNTIME_BYTES,
                 "reductions_in_flight": REDUCTIONS_IN_FLIGHT,
-                "staging_buffers": STAGING_BUFFERS,
+                "offload_buffers": {
+                    "optimizer_buffer_count": OffloadOptimizerConfig().buffer_count,
+                    "optimizer_tile_size": OffloadOptimizerConfig().tile_size,
+                    "param_buffer_count": OffloadParamConfig().buffer_count,
+                },
                 "costs": {kind: {str(k): v for k, v in table.items()} for kind, table in COSTS.items()},
             },
             "activations": {
@@ -255,9 +266,13 @@ def estimate_module(model: torch.nn.Module, name: str, hardware: Hardware, workl
         states = model_state_bytes(specs, policy, workload.dtype, shards)
         gradients, reductions = _gradient_timelines(trace, states, reduce_scatter=shards > 1)
         for offload in OFFLOADS:
+            placed = states
+            if offload != "none" and not _unsupported_reason(stage, offload):
+                placed = model_state_bytes(specs, policy, workload.dtype, shards, offload=OFFLOAD_POLICIES[offload],
+                                           pin=True)  # fmt: skip
             for activations in POLICIES:
                 configurations.append(
-                    _configuration(stage, offload, activations, states, step, gradients, reductions, hardware)
+                    _configuration(stage, offload, activations, placed, step, gradients, reductions, hardware)
                 )
     params = {id(p): p for p in model.parameters()}.values()
     return Estimate(
@@ -302,35 +317,19 @@ class _Placement:
 
 
 def _placement(stage: int, offload: str, states: ModelStateBytes) -> _Placement:
+    """`states` computed with the offload policy: what stays on the device is in its fields, the
+    rest in `states.offload`."""
     largest = max(states.units, key=lambda u: u.full_bytes)
     sharded = [u for u in states.units if not u.keeps_gathered]
-    gathered = states.gathered + (largest.shard_bytes if sharded else 0)  # + the all-gather source
-    communication = gathered if stage == 3 else 0
+    # Without offload a sharded unit's all-gather source is its master cast to compute dtype;
+    # offloaded, it is a kept shard (counted in parameters) or the gathered buffer itself.
+    source = largest.shard_bytes if sharded and offload == "none" else 0
+    communication = states.gathered + source if stage == 3 else 0
     gpu = {"parameters": states.parameters, "master_weights": states.master_weights,
            "optimizer_states": states.optimizer_states}  # fmt: skip
-    host = {"parameters": 0, "master_weights": 0, "gradients": 0, "optimizer_states": 0, "staging": 0}
-    nvme = {name: 0 for name in NVME_CATEGORIES}
-    if offload == "none":
-        return _Placement(gpu, host, nvme, True, communication)
-    largest_gradient = max(u.gradient_bytes for u in states.units)
-    host.update(gradients=states.gradients, staging=STAGING_BUFFERS * largest_gradient)
-    gpu.update(master_weights=0, optimizer_states=0)
-    if offload == "cpu_optimizer":
-        host.update(master_weights=states.master_weights, optimizer_states=states.optimizer_states)
-        return _Placement(gpu, host, nvme, False, communication)
-    kept = sum(u.full_bytes for u in states.units if u.keeps_gathered)
-    shards = sum(u.shard_bytes for u in sharded)
-    gpu["parameters"] = kept
-    parameter_staging = STAGING_BUFFERS * largest.shard_bytes
-    if offload == "cpu_optimizer_params":
-        host.update(parameters=shards, master_weights=states.master_weights, optimizer_states=states.optimizer_states,
-                    staging=host["staging"] + parameter_staging)  # fmt: skip
-        return _Placement(gpu, host, nvme, False, communication)
-    # nvme: optimizer tiles (master + moments) and parameter shards stream through host buffers
-    nvme.update(parameters=shards, master_weights=states.master_weights, optimizer_states=states.optimizer_states)
-    tile = largest_gradient // FP32_BYTES * 3 * FP32_BYTES  # master + two moments per element
-    host["staging"] += parameter_staging + STAGING_BUFFERS * tile
-    return _Placement(gpu, host, nvme, False, communication)
+    host = dict(states.offload.host)
+    nvme = {name: states.offload.nvme[name] for name in NVME_CATEGORIES}
+    return _Placement(gpu, host, nvme, offload == "none", communication)
 
 
 def _configuration(

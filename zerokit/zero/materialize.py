@@ -36,8 +36,9 @@ def shared_seed(ctx: ShardingContext) -> int:
 
 
 def build_unit(
-    model: nn.Module, spec: UnitSpec, ctx: ShardingContext, policy: ShardingPolicy, seed: int
+    model: nn.Module, spec: UnitSpec, ctx: ShardingContext, policy: ShardingPolicy, seed: int, index: int = 0
 ) -> ShardedUnit:
+    """The unit's flat groups (trainable, then frozen); `index` names its offloaded states."""
     by_kind = {
         trainable: [(name, p) for name, p in spec.params if p.requires_grad == trainable] for trainable in (True, False)
     }
@@ -64,9 +65,10 @@ def build_unit(
             ctx.comm.broadcast(source, src=0)
 
     groups = [
-        FlatParamGroup(slots, shard_numel, source, ctx, trainable=trainable, keep_gathered=keep_gathered)
+        FlatParamGroup(slots, shard_numel, source, ctx, trainable=trainable, keep_gathered=keep_gathered,
+                       key=f"unit{index}/{'trainable' if trainable else 'frozen'}")
         for trainable, slots, shard_numel, source in plans
-    ]
+    ]  # fmt: skip
     return ShardedUnit(spec.name, spec.module, groups, is_root=spec.module is model)
 
 

@@ -1,9 +1,10 @@
 """Bytes of model states per rank, known before anything is allocated.
 
-One implementation of the arithmetic serves the engine's early check (`check_fits`) and
-`zerokit estimate`: both call `model_state_bytes` on the sharding units of the model (real or
-on the meta device). It follows the flat layout of `flat_group.layout` (aligned offsets, the
-buffer padded to a multiple of the number of shards) and what `FlatParamGroup` keeps:
+One implementation of the arithmetic serves the engine's early checks (`check_fits`, the offload
+checks) and `zerokit estimate`: both call `model_state_bytes` on the sharding units of the model
+(real or on the meta device). It follows the flat layout of `flat_group.layout` (aligned
+offsets, the buffer padded to a multiple of the number of shards) and what `FlatParamGroup`
+keeps:
 
 | held by a rank                   | kept gathered (stages 0-2, small units) | sharded (stage 3) |
 |----------------------------------|-----------------------------------------|-------------------|
@@ -11,22 +12,31 @@ buffer padded to a multiple of the number of shards) and what `FlatParamGroup` k
 | fp32 master weights (trainable)  | shard, or nothing if it aliases fp32 params | shard         |
 | fp32 reduced gradients           | shard after the unit's backward         | shard             |
 | optimizer states (Adam-like)     | two fp32 moments per owned element and one fp32 step per piece |  |
+
+With offload (OffloadPolicy) the device keeps only parameters; see `_OffloadTally` for what
+goes to host memory and NVMe, byte for byte as `zerokit.zero.offload_resources` allocates it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
 
 import torch
 
-from zerokit.zero.flat_group import ShardingContext, layout
-from zerokit.zero.policy import ShardingPolicy
+from offload.raw_memory import aligned_size
+from zerokit.zero.flat_group import layout
+from zerokit.zero.policy import OffloadPolicy, ShardingPolicy
+from zerokit.zero.tiles import tile_ranges
 from zerokit.zero.units import UnitSpec
 
 GiB = 1024**3
 FP32_BYTES = 4
 ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32 per owned element
 STEP_BYTES = 4  # one fp32 step count per optimizer piece
+HOST_CATEGORIES = ("parameters", "master_weights", "gradients", "optimizer_states", "staging")
+NVME_CATEGORIES = ("parameters", "master_weights", "optimizer_states")
+NVME_STAGING_BUFFERS = 2  # the NVMe swapper double-buffers optimizer tiles
 
 
 @dataclass(frozen=True)
@@ -43,10 +53,35 @@ class UnitStateBytes:
 
 
 @dataclass(frozen=True)
+class OffloadBytes:
+    """Per-rank bytes offload keeps in host memory and on NVMe, and its staging buffer sizes."""
+
+    host: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(HOST_CATEGORIES, 0))
+    nvme: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(NVME_CATEGORIES, 0))
+    pinned: int = 0  # of the host bytes, those pinned (CUDA with pin_memory)
+    upload_buffer_bytes: int = 0  # each of offload_optimizer.buffer_count buffers of updated parameters
+    nvme_staging_bytes: int = 0  # each of the two buffers optimizer tiles are swapped through
+    gradient_pool_bytes: int = 0  # buffers of gradients accumulated on the host
+    param_pool_bytes: int = 0  # buffers of parameter shards read from NVMe
+    optimizer_nvme_bytes: int = 0  # the optimizer's swap file
+    param_nvme_bytes: int = 0  # the parameters' swap file
+    largest_nvme_shard: int = 0  # elements of the largest parameter shard on NVMe
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def nvme_total(self) -> int:
+        return sum(self.nvme.values())
+
+
+@dataclass(frozen=True)
 class ModelStateBytes:
-    """Per-rank bytes of model states; `gathered` is stage 3's working set of gathered units
-    (the root, which stays gathered from forward to backward, plus the largest unit in use and
-    one prefetched). Activations are not included."""
+    """Per-rank bytes of model states on the device (the fields) and, with offload, in host
+    memory and on NVMe (`offload`); `gathered` is stage 3's working set of gathered units (the
+    root, which stays gathered from forward to backward, plus the largest unit in use and one
+    prefetched). Activations are not included."""
 
     parameters: int
     master_weights: int
@@ -54,6 +89,7 @@ class ModelStateBytes:
     optimizer_states: int
     gathered: int
     units: tuple[UnitStateBytes, ...]
+    offload: OffloadBytes = field(default_factory=OffloadBytes)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -76,15 +112,20 @@ def model_state_bytes(
     num_shards: int,
     shard_index: Optional[int] = None,
     reduce_dtype: torch.dtype = torch.float32,
+    offload: OffloadPolicy = OffloadPolicy(),
+    accumulation_steps: int = 1,
+    pin: Optional[bool] = None,
 ) -> ModelStateBytes:
     """Model-state bytes of rank `shard_index`, or of the rank holding the most when None
-    (ranks differ only by which parameters' alignment padding falls in their shard)."""
+    (ranks differ only by which parameters' alignment padding falls in their shard).
+    pin: whether host buffers that copies touch are pinned (default: when CUDA is available)."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if shard_index is not None and not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
     compute = _element_size(compute_dtype)
     reduce = _element_size(reduce_dtype)
+    offloaded = _OffloadTally(offload, compute, reduce, torch.cuda.is_available() if pin is None else pin)
     parameters = master = gradients = 0
     owned = [0] * num_shards  # trainable elements each rank steps
     pieces = [0] * num_shards  # optimizer pieces (parameters with elements in the shard) per rank
@@ -100,17 +141,24 @@ def model_state_bytes(
             padded = shard_numel * num_shards
             unit_full += padded * compute
             unit_shard += shard_numel * compute
+            params_off = offloaded.params_offloaded(keep)
+            optimizer_off = trainable and offload.offloads_optimizer
             if keep:
                 parameters += padded * compute
-            elif not trainable:
-                parameters += shard_numel * compute  # the frozen shard the gathers start from
+            elif params_off:
+                offloaded.add_param_shard(shard_numel)
+            elif not trainable or optimizer_off:
+                parameters += shard_numel * compute  # the shard the gathers start from
             if trainable:
                 aliased = compute_dtype == torch.float32 and keep
-                master += 0 if aliased else shard_numel * FP32_BYTES
                 unit_grads += shard_numel * FP32_BYTES
                 unit_reduce += padded * reduce
-                _add_owned([(s.offset, s.numel) for s in slots], shard_numel, owned, pieces)
-        gradients += unit_grads
+                if optimizer_off:
+                    offloaded.add_optimizer_shard(shard_numel)
+                else:
+                    master += 0 if aliased else shard_numel * FP32_BYTES
+                    gradients += shard_numel * FP32_BYTES
+                    _add_owned([(s.offset, s.numel) for s in slots], shard_numel, owned, pieces)
         units.append(UnitStateBytes(
             name=spec.name or "<root>",
             full_bytes=unit_full,
@@ -122,7 +170,100 @@ def model_state_bytes(
         ))  # fmt: skip
     per_rank = [ADAM_MOMENTS * FP32_BYTES * o + STEP_BYTES * p for o, p in zip(owned, pieces)]
     optimizer = per_rank[shard_index] if shard_index is not None else max(per_rank)
-    return ModelStateBytes(parameters, master, gradients, optimizer, _gathered(units), tuple(units))
+    accumulates_on_host = policy.reduce_every_backward and accumulation_steps > 1
+    return ModelStateBytes(
+        parameters, master, gradients, optimizer, _gathered(units), tuple(units),
+        offloaded.result(accumulates_on_host),
+    )  # fmt: skip
+
+
+class _OffloadTally:
+    """What offload adds up, group by group in the engine's order (units in order, each one's
+    trainable group before its frozen one):
+
+    - optimizer offload, per trainable group: an fp32 gradient shard in pinned host memory; the
+      fp32 master and two Adam moments over the whole shard in host memory (cpu) or in the swap
+      file, one extent per tile and state (nvme);
+    - parameter offload, per sharded group: the shard in compute dtype in pinned host memory (cpu,
+      or nvme within max_in_cpu elements, the first groups) or in the swap file;
+    - staging: offload_optimizer.buffer_count pinned buffers of one tile of updated parameters;
+      two NVMe buffers of one tile of master and moments; with gradient accumulation in every
+      backward, a pool of buffer_count gradient shards (reduce dtype) being added on the host;
+      for parameters on NVMe, a pool of offload_param.buffer_count + 1 shards (those read ahead
+      and one being written back).
+    Swap-file extents and pooled buffers are page aligned (offload.raw_memory.aligned_size).
+    """
+
+    def __init__(self, policy: OffloadPolicy, compute: int, reduce: int, pin: bool):
+        self.policy = policy
+        self.compute, self.reduce = compute, reduce
+        self.pin_optimizer = pin and policy.optimizer.pin_memory
+        self.pin_params = pin and policy.params.pin_memory
+        self.host = dict.fromkeys(HOST_CATEGORIES, 0)
+        self.nvme = dict.fromkeys(NVME_CATEGORIES, 0)
+        self.pinned = 0
+        self.in_host = 0  # parameter elements kept in host memory under nvme offload
+        self.largest_trainable = 0
+        self.largest_on_nvme = 0
+
+    def params_offloaded(self, keeps_gathered: bool) -> bool:
+        return self.policy.offloads_params and not keeps_gathered
+
+    def param_resident(self, numel: int) -> bool:
+        """Whether a sharded group's parameter shard stays in host memory; call once per group, in order."""
+        if self.policy.params.device == "cpu":
+            return True
+        if self.in_host + numel <= self.policy.params.max_in_cpu:
+            self.in_host += numel
+            return True
+        return False
+
+    def add_param_shard(self, numel: int) -> None:
+        if self.param_resident(numel):
+            self._host("parameters", numel * self.compute, self.pin_params)
+        else:
+            self.nvme["parameters"] += aligned_size(numel * self.compute)
+            self.largest_on_nvme = max(self.largest_on_nvme, numel)
+
+    def add_optimizer_shard(self, numel: int) -> None:
+        self.largest_trainable = max(self.largest_trainable, numel)
+        self._host("gradients", numel * FP32_BYTES, self.pin_optimizer)
+        if self.policy.optimizer.device == "cpu":
+            self._host("master_weights", numel * FP32_BYTES, False)
+            self._host("optimizer_states", ADAM_MOMENTS * numel * FP32_BYTES, False)
+        else:
+            tiles = sum(aligned_size((stop - start) * FP32_BYTES)
+                        for start, stop in tile_ranges(numel, self.policy.optimizer.tile_size))  # fmt: skip
+            self.nvme["master_weights"] += tiles
+            self.nvme["optimizer_states"] += ADAM_MOMENTS * tiles
+
+    def result(self, accumulates_on_host: bool) -> OffloadBytes:
+        sizes = {}
+        if self.largest_trainable:
+            tile = min(self.policy.optimizer.tile_size, self.largest_trainable)
+            count = self.policy.optimizer.buffer_count
+            sizes["upload_buffer_bytes"] = tile * self.compute
+            self._host("staging", count * tile * self.compute, self.pin_optimizer)
+            if self.policy.optimizer.device == "nvme":
+                sizes["nvme_staging_bytes"] = (1 + ADAM_MOMENTS) * aligned_size(tile * FP32_BYTES)
+                self._host("staging", NVME_STAGING_BUFFERS * sizes["nvme_staging_bytes"], False)
+            if accumulates_on_host:
+                sizes["gradient_pool_bytes"] = count * aligned_size(self.largest_trainable * self.reduce)
+                self._host("staging", sizes["gradient_pool_bytes"], self.pin_optimizer)
+        if self.largest_on_nvme:
+            shard = aligned_size(self.largest_on_nvme * self.compute)
+            sizes["param_pool_bytes"] = (self.policy.params.buffer_count + 1) * shard
+            self._host("staging", sizes["param_pool_bytes"], self.pin_params)
+        optimizer_nvme = self.nvme["master_weights"] + self.nvme["optimizer_states"]
+        return OffloadBytes(
+            dict(self.host), dict(self.nvme), self.pinned, **sizes,
+            optimizer_nvme_bytes=optimizer_nvme, param_nvme_bytes=self.nvme["parameters"],
+            largest_nvme_shard=self.largest_on_nvme,
+        )  # fmt: skip
+
+    def _host(self, category: str, nbytes: int, pinned: bool) -> None:
+        self.host[category] += nbytes
+        self.pinned += nbytes if pinned else 0
 
 
 def _gathered(units: Sequence[UnitStateBytes]) -> int:
@@ -149,12 +290,13 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def check_fits(specs: list[UnitSpec], policy: ShardingPolicy, ctx: ShardingContext, stage: int) -> None:
+def check_fits(
+    need: ModelStateBytes, device: torch.device, stage: int, offload: OffloadPolicy = OffloadPolicy()
+) -> None:
     """Fail before allocating anything if the model states alone cannot fit on the GPU."""
-    if ctx.device.type != "cuda":
+    if device.type != "cuda":
         return
-    need = model_state_bytes(specs, policy, ctx.compute_dtype, ctx.num_shards, ctx.shard_index, ctx.reduce_dtype)
-    free, _ = torch.cuda.mem_get_info(ctx.device)
+    free, _ = torch.cuda.mem_get_info(device)
     if need.total > free:
         detail = ", ".join(f"{k} {v / GiB:.2f}" for k, v in need.as_dict().items())
         advice = (
@@ -162,7 +304,67 @@ def check_fits(specs: list[UnitSpec], policy: ShardingPolicy, ctx: ShardingConte
             if stage < 3
             else "use more GPUs (ZeRO-3 divides states by their number)"
         )
+        if not offload.offloads_optimizer and stage >= 1:
+            advice += ", offload the optimizer (zero_optimization.offload_optimizer.device cpu)"
+        elif not offload.offloads_params and stage == 3:
+            advice += ", offload the parameters (zero_optimization.offload_param.device cpu)"
         raise torch.OutOfMemoryError(
-            f"model states need {need.total / GiB:.2f} GiB per rank ({detail} GiB) but {ctx.device} has "
+            f"model states need {need.total / GiB:.2f} GiB per rank ({detail} GiB) but {device} has "
             f"{free / GiB:.2f} GiB free, before any activation: {advice}, or use bf16."
         )
+
+
+class HostMemoryError(MemoryError):
+    """The offload plan does not fit the host memory budget or the memory available."""
+
+
+def check_offload_fits(need: OffloadBytes, policy: OffloadPolicy, local_ranks: int = 1) -> None:
+    """Fail before allocating anything if the offload plan cannot be held: host bytes against
+    zero_optimization.host_memory_budget and the memory available on this node (shared by
+    `local_ranks` ranks), swap-file bytes against each nvme_path (which must be a writable
+    directory)."""
+    import psutil
+
+    from offload.nvme import NVMePathError, check_nvme_path
+
+    if not policy.active:
+        return
+    if need.largest_nvme_shard > policy.params.buffer_size:
+        raise ValueError(
+            f"a sharding unit's parameter shard has {need.largest_nvme_shard} elements, more than one staging buffer "
+            f"holds (zero_optimization.offload_param.buffer_size={policy.params.buffer_size}): raise buffer_size to "
+            f"at least {need.largest_nvme_shard}, or use more ranks or smaller sharding units."
+        )
+    total = need.host_total
+    detail = ", ".join(f"{k.replace('_', ' ')} {v / GiB:.2f}" for k, v in need.host.items() if v)
+    advice = (
+        "move states to NVMe (offload_optimizer / offload_param device nvme), use more ranks (stage >= 1 divides "
+        "states by their number)"
+    )
+    budget = policy.host_memory_budget
+    if budget is not None and total > budget:
+        raise HostMemoryError(
+            f"offload needs {total} bytes ({total / GiB:.2f} GiB: {detail} GiB) of host memory on this rank, but "
+            f"zero_optimization.host_memory_budget is {budget} bytes: raise it to at least {total}, or {advice}."
+        )
+    available = psutil.virtual_memory().available
+    if total * local_ranks > available:
+        raise HostMemoryError(
+            f"offload needs {total} bytes ({total / GiB:.2f} GiB: {detail} GiB) of host memory per rank, "
+            f"{total * local_ranks} for the {local_ranks} rank(s) on this node, but only {available} bytes "
+            f"({available / GiB:.2f} GiB) are available: {advice}, or free host memory."
+        )
+    paths: dict[str, list[tuple[str, str, int]]] = {}  # one free-space check per directory
+    for section, config, nbytes in (
+        ("offload_optimizer", policy.optimizer, need.optimizer_nvme_bytes),
+        ("offload_param", policy.params, need.param_nvme_bytes),
+    ):
+        if config.device == "nvme":
+            paths.setdefault(os.path.realpath(config.nvme_path), []).append((section, config.nvme_path, nbytes))
+    for users in paths.values():
+        try:
+            check_nvme_path(users[0][1], sum(nbytes for _, _, nbytes in users))
+        except NVMePathError as error:
+            sections = " and ".join(f"zero_optimization.{section}.nvme_path" for section, _, _ in users)
+            needs = ", ".join(f"{section} {nbytes} bytes" for section, _, nbytes in users)
+            raise NVMePathError(f"{sections} ({needs}): {error}") from None

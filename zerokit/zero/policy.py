@@ -13,9 +13,10 @@ The stage only decides three things:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
-from zerokit.config import ZeroConfig
+from zerokit.config import OffloadOptimizerConfig, OffloadParamConfig, ZeroConfig
 
 
 @dataclass(frozen=True)
@@ -45,3 +46,29 @@ class ShardingPolicy:
 
     def keeps_gathered(self, unit_numel: int) -> bool:
         return not self.shard_parameters or unit_numel < self.persistence_threshold
+
+
+@dataclass(frozen=True)
+class OffloadPolicy:
+    """Where this rank's states live besides the device: the optimizer's (fp32 masters and Adam
+    moments, with gradients landing in host memory) and the parameter shards' (stage 3)."""
+
+    optimizer: OffloadOptimizerConfig = field(default_factory=OffloadOptimizerConfig)
+    params: OffloadParamConfig = field(default_factory=OffloadParamConfig)
+    host_memory_budget: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, zero: ZeroConfig) -> "OffloadPolicy":
+        return cls(zero.offload_optimizer, zero.offload_param, zero.host_memory_budget)
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        return self.optimizer.device != "none"
+
+    @property
+    def offloads_params(self) -> bool:
+        return self.params.device != "none"
+
+    @property
+    def active(self) -> bool:
+        return self.offloads_optimizer or self.offloads_params

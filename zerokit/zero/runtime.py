@@ -61,6 +61,10 @@ class ShardedUnit:
         for group in self.groups:
             group.reshard()
 
+    def read_ahead(self) -> None:
+        for group in self.groups:
+            group.read_ahead()
+
     def is_gathered(self) -> bool:
         return any(group.state is not GroupState.SHARDED for group in self.groups)
 
@@ -72,8 +76,10 @@ class ShardedUnit:
 
 
 class ShardingRuntime:
-    def __init__(self, units: list[ShardedUnit], policy: ShardingPolicy, streams: StreamSet):
+    def __init__(self, units: list[ShardedUnit], policy: ShardingPolicy, streams: StreamSet, read_ahead: int = 0):
+        """read_ahead: units whose NVMe-offloaded parameter shards are read ahead of their gather."""
         self.units = units
+        self.read_ahead = read_ahead
         self.root = units[-1]
         self.policy = policy
         self.streams = streams
@@ -195,6 +201,12 @@ class ShardingRuntime:
                 break
             unit.gather()
             live += unit.numel
+        # Beyond what is gathered, start reading the next shards from NVMe (host work only, so
+        # unlike gathers it need not happen in the same order on every rank).
+        if self.read_ahead:
+            sharded = [u for u in candidates if not u.keep_gathered and not u.is_gathered()]
+            for unit in sharded[: self.read_ahead]:
+                unit.read_ahead()
 
     def _track(self, reduction: PendingReduction) -> None:
         """Keep a reduction's buffers alive until it is done; bound how much is in flight."""
