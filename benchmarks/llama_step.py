@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import time
@@ -60,6 +61,14 @@ def make_optimizer(params, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, **({"fused": True} if fused else {}))
 
 
+def engine_step(engine, tokens: torch.Tensor) -> torch.Tensor:
+    """One step through an engine with DeepSpeed's loop API (zerokit's and DeepSpeed's alike)."""
+    loss = engine(input_ids=tokens, labels=tokens).loss
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
 class Runner:
     """forward+backward+step of one system, behind one `train_step(tokens) -> loss`."""
 
@@ -76,7 +85,7 @@ class Runner:
                 "zero_optimization": {"stage": int(stage)},
             }
             self.engine = zerokit.initialize(model, make_optimizer(model.parameters(), fused=True), config)
-            self.step = self._zerokit_step
+            self.step = functools.partial(engine_step, self.engine)
         elif kind == "deepspeed":
             import deepspeed
 
@@ -91,7 +100,7 @@ class Runner:
             }
             optimizer = make_optimizer(model.parameters(), fused=True)
             self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-            self.step = self._deepspeed_step
+            self.step = functools.partial(engine_step, self.engine)
         elif kind == "fsdp2":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -112,18 +121,6 @@ class Runner:
             self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
         else:
             raise SystemExit(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
-
-    def _zerokit_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        loss = self.engine(input_ids=tokens, labels=tokens).loss
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.detach()
-
-    def _deepspeed_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        loss = self.engine(input_ids=tokens, labels=tokens).loss
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.detach()
 
     def _plain_step(self, tokens: torch.Tensor) -> torch.Tensor:
         with self.autocast():

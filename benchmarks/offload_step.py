@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from llama_step import add_timing_arguments, build_model, make_optimizer, measure  # noqa: E402
+from llama_step import add_timing_arguments, build_model, engine_step, make_optimizer, measure  # noqa: E402
 
 GiB = 2**30
 STAGE3 = {"stage": 3, "stage3_param_persistence_threshold": 100_000}
@@ -82,10 +82,7 @@ class ZerokitRunner:
         return "offload_optimizer" in zero or "offload_param" in zero
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        loss = self.engine(input_ids=tokens, labels=tokens).loss
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.detach()
+        return engine_step(self.engine, tokens)
 
     def swap_bytes(self) -> int:
         return sum(directory_bytes(path) for path in self.engine.swap_directories())
@@ -119,10 +116,7 @@ class DeepSpeedRunner:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        loss = self.engine(input_ids=tokens, labels=tokens).loss
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.detach()
+        return engine_step(self.engine, tokens)
 
     def swap_bytes(self) -> int:
         return 0  # this configuration offloads to host memory only

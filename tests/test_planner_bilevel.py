@@ -3,10 +3,9 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from planner import BlockPhase, DsaConfig, TensorLifetime, plan_iteration, profile_block, verify_plan
+from tests.models import TinyGptBlock
 
 KIB = 1024
 LAYERS = 3
@@ -97,26 +96,9 @@ def test_phase_steps_and_names_must_not_clash():
         plan_iteration([BlockPhase("a", 1, tensors)], level1_config=DsaConfig(alignment=256))
 
 
-class TinyBlock(nn.Module):
-    def __init__(self, width=32, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-
-    def forward(self, x):
-        batch, seq, width = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(width, dim=-1)
-        q, k, v = (t.view(batch, seq, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attention.transpose(1, 2).reshape(batch, seq, width))
-        return x + self.down(F.gelu(self.up(self.norm2(x))))
-
-
 def test_plan_from_a_profiled_block():
     torch.manual_seed(0)
-    profile = profile_block(TinyBlock(), torch.randn(2, 16, 32, requires_grad=True))
+    profile = profile_block(TinyGptBlock(), torch.randn(2, 16, 32, requires_grad=True))
     forward, backward = profile.phase_lifetimes("forward"), profile.phase_lifetimes("backward")
     phases = [BlockPhase(f"layer{i}.forward", i, forward.transient) for i in range(LAYERS)]
     phases += [BlockPhase(f"layer{i}.backward", 2 * LAYERS - 1 - i, backward.transient) for i in range(LAYERS)]
