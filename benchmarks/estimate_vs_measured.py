@@ -37,11 +37,7 @@ class Case:
     stage: int
     seq: int
     micro_batch: int
-    checkpointing: bool = False
-
-    @property
-    def policy(self) -> str:
-        return "recompute" if self.checkpointing else "none"
+    policy: str = "none"  # none | recompute (Hugging Face's checkpointing) | memo (activation_memory)
 
 
 CASES = (
@@ -49,9 +45,11 @@ CASES = (
     Case("s2-2k", "0.95b", 2, 2, 2048, 4),
     Case("s3-2k", "0.95b", 2, 3, 2048, 4),
     Case("s3-16k", "0.95b", 2, 3, 16384, 1),
-    Case("s3-16k-ckpt", "0.95b", 2, 3, 16384, 1, checkpointing=True),
-    Case("s2-2k-2.7b-ckpt", "2.7b", 2, 2, 2048, 4, checkpointing=True),
+    Case("s3-16k-ckpt", "0.95b", 2, 3, 16384, 1, "recompute"),
+    Case("s3-16k-memo", "0.95b", 2, 3, 16384, 1, "memo"),
+    Case("s2-2k-2.7b-ckpt", "2.7b", 2, 2, 2048, 4, "recompute"),
     Case("1gpu-s0-16k", "0.95b", 1, 0, 16384, 1),
+    Case("1gpu-s0-16k-memo", "0.95b", 1, 0, 16384, 1, "memo"),
 )
 
 
@@ -64,7 +62,7 @@ def estimated(case: Case) -> dict:
     result = estimate(source, hardware, Workload(case.micro_batch, case.seq, torch.bfloat16))
     config = result.find(case.stage, "none", case.policy)
     return {"allocated": config.peak_allocated, "total": sum(config.gpu.values()) - config.gpu["runtime"],
-            "breakdown": dict(config.gpu)}  # fmt: skip
+            "breakdown": dict(config.gpu), "memo_alpha": config.memo_alpha}  # fmt: skip
 
 
 def measured(case: Case) -> dict:
@@ -88,8 +86,9 @@ def worker(case: Case) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
-    model = llama_step.build_model(case.model, device, case.checkpointing)
-    runner = llama_step.Runner(f"zerokit-{case.stage}", model, case.micro_batch, device)
+    model = llama_step.build_model(case.model, device, case.policy == "recompute")
+    memo = {"policy": "memo"} if case.policy == "memo" else None
+    runner = llama_step.Runner(f"zerokit-{case.stage}", model, case.micro_batch, device, memo)
     del model
     torch.cuda.empty_cache()
     rank = runner.engine.rank
@@ -98,7 +97,7 @@ def worker(case: Case) -> None:
         generator = torch.Generator(device=device).manual_seed(1000 * step + rank)
         return torch.randint(0, 32000, (case.micro_batch, case.seq), device=device, generator=generator)
 
-    for step in range(2):
+    for step in range(2):  # memo calibrates in its first step
         runner.step(batch(step))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

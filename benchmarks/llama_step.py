@@ -8,6 +8,12 @@ peak = torch.cuda.max_memory_allocated() over the timed steps, max over ranks.
 
     torchrun --nproc-per-node 2 benchmarks/llama_step.py --system zerokit-3 --model 0.95b
 
+Activation memory (all systems unless noted): --activation-checkpointing (Hugging Face's, per
+layer), --save-on-cpu (torch.autograd.graph.save_on_cpu with pinned memory), --activation-memory
+POLICY (zerokit's activation_memory section: memo, swap, recompute; zerokit systems only), and
+--chunked-loss (zerokit.nn.ChunkedLossCausalLM: the loss over chunks of tokens, never the full
+logits, for long sequences).
+
 Prints one JSON line (rank 0) with the figures and the per-step losses (mean over ranks).
 """
 from __future__ import annotations
@@ -28,6 +34,7 @@ MODELS = {
     "0.95b": (2048, 5632, 16, 16),
     "2.7b": (2560, 6912, 32, 20),
 }
+H100_BF16_TFLOPS = 989  # dense bf16 peak of an H100 SXM, for MFU
 SYSTEMS = ("zerokit-1", "zerokit-2", "zerokit-3", "fsdp2", "ddp", "deepspeed-1", "deepspeed-2", "deepspeed-3")
 
 
@@ -61,9 +68,14 @@ def make_optimizer(params, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, **({"fused": True} if fused else {}))
 
 
+def loss_of(output) -> torch.Tensor:
+    """The loss of a model's output: a Hugging Face output's, or the tensor a chunked loss returns."""
+    return output if isinstance(output, torch.Tensor) else output.loss
+
+
 def engine_step(engine, tokens: torch.Tensor) -> torch.Tensor:
     """One step through an engine with DeepSpeed's loop API (zerokit's and DeepSpeed's alike)."""
-    loss = engine(input_ids=tokens, labels=tokens).loss
+    loss = loss_of(engine(input_ids=tokens, labels=tokens))
     engine.backward(loss)
     engine.step()
     return loss.detach()
@@ -72,9 +84,12 @@ def engine_step(engine, tokens: torch.Tensor) -> torch.Tensor:
 class Runner:
     """forward+backward+step of one system, behind one `train_step(tokens) -> loss`."""
 
-    def __init__(self, system: str, model: torch.nn.Module, micro_batch: int, device: torch.device):
+    def __init__(self, system: str, model: torch.nn.Module, micro_batch: int, device: torch.device,
+                 activation_memory: dict | None = None):
         self.system = system
         kind, _, stage = system.partition("-")
+        if activation_memory and kind != "zerokit":
+            raise SystemExit("--activation-memory is zerokit's; other systems take --activation-checkpointing or --save-on-cpu")
         if kind == "zerokit":
             import zerokit
 
@@ -83,6 +98,7 @@ class Runner:
                 "gradient_clipping": 1.0,
                 "bf16": {"enabled": True},
                 "zero_optimization": {"stage": int(stage)},
+                **({"activation_memory": activation_memory} if activation_memory else {}),
             }
             self.engine = zerokit.initialize(model, make_optimizer(model.parameters(), fused=True), config)
             self.step = functools.partial(engine_step, self.engine)
@@ -105,7 +121,7 @@ class Runner:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            for layer in model.model.layers:
+            for layer in decoder_layers(model):
                 fully_shard(layer, mp_policy=policy)
             fully_shard(model, mp_policy=policy)
             self.model = model
@@ -124,12 +140,17 @@ class Runner:
 
     def _plain_step(self, tokens: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            loss = self.model(input_ids=tokens, labels=tokens).loss
+            loss = loss_of(self.model(input_ids=tokens, labels=tokens))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    lm = model.lm if hasattr(model, "lm") else model  # under a ChunkedLossCausalLM
+    return lm.model.layers
 
 
 KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of kernel names
@@ -160,6 +181,13 @@ def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--save-on-cpu", action="store_true", help="keep saved activations in pinned host memory")
+    parser.add_argument("--activation-memory", choices=("memo", "swap", "recompute"),
+                        help="zerokit's activation_memory policy")
+    parser.add_argument("--alpha", type=float, help="memo's swapped fraction of tokens (default: planned)")
+    parser.add_argument("--keep-last", type=int, help="blocks at the end that keep their activations (default 2)")
+    parser.add_argument("--chunked-loss", type=int, metavar="TOKENS",
+                        help="compute the loss over chunks of this many tokens (zerokit.nn.ChunkedLossCausalLM)")
     parser.add_argument("--profile", help="profile two timed steps: print GPU time by kernel category, and write "
                         "chrome traces to this folder (or 'summary' for the printout only)")
 
@@ -173,6 +201,13 @@ def measure(system: str, step, args: argparse.Namespace, device: torch.device, n
     def batch(index: int) -> torch.Tensor:
         generator = torch.Generator(device=device).manual_seed(1000 * index + rank)
         return torch.randint(0, 32000, (args.micro_batch, args.seq), device=device, generator=generator)
+
+    if args.save_on_cpu:
+        plain_step = step
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                return plain_step(tokens)
 
     losses = []
     for index in range(args.warmup):
@@ -210,6 +245,7 @@ def measure(system: str, step, args: argparse.Namespace, device: torch.device, n
     dist.all_reduce(mean_losses)
     mean_losses /= world
     tokens = args.micro_batch * args.seq
+    tflops = (6 * n_params + 12 * layers * hidden * args.seq) * tokens / step_time / 1e12
     if rank != 0:
         return {}
     return {
@@ -220,14 +256,54 @@ def measure(system: str, step, args: argparse.Namespace, device: torch.device, n
         "params": n_params,
         "seq": args.seq,
         "micro_batch": args.micro_batch,
-        "activation_checkpointing": args.activation_checkpointing,
+        "activations": activation_label(args),
         "step_s": round(step_time, 4),
         "tok_s_gpu": round(tokens / step_time),
-        "tflops_gpu": round((6 * n_params + 12 * layers * hidden * args.seq) * tokens / step_time / 1e12, 1),
+        "tflops_gpu": round(tflops, 1),
+        **({"mfu": round(tflops / H100_BF16_TFLOPS, 3)} if "H100" in torch.cuda.get_device_name(device) else {}),
         "peak_gib": round(peak.item() / 2**30, 2),
         "losses": [round(x, 4) for x in mean_losses.tolist()],
         "torch": torch.__version__,
     }
+
+
+def activation_config(args: argparse.Namespace) -> dict | None:
+    """zerokit's activation_memory section for the command line's choices."""
+    if not args.activation_memory:
+        return None
+    section = {"policy": args.activation_memory, "alpha": args.alpha}
+    return section | ({"keep_last": args.keep_last} if args.keep_last is not None else {})
+
+
+def activation_label(args: argparse.Namespace) -> str:
+    parts = [name for name, on in (("checkpointing", args.activation_checkpointing), ("save_on_cpu", args.save_on_cpu))
+             if on]  # fmt: skip
+    if args.activation_memory:
+        parts.append(args.activation_memory + (f"(alpha={args.alpha})" if args.alpha is not None else ""))
+    if args.chunked_loss:
+        parts.append(f"chunked_loss({args.chunked_loss})")
+    return "+".join(parts) or "none"
+
+
+def estimated_peak_gib(model: str, layers: int, gpus: int, micro_batch: int, seq: int, stage: int,
+                       offload: str = "none", activations: str = "none") -> float:
+    """`zerokit estimate`'s allocator peak (GiB) for this model and configuration, from the meta device."""
+    from zerokit.profiler.estimate import Hardware, Workload, estimate
+    from zerokit.profiler.models import ModelSource
+
+    source = ModelSource(f"llama-{model}", lambda: build_model(model, torch.device("meta"), False, layers))
+    result = estimate(source, Hardware(gpus_per_node=gpus, gpu_memory=80 * 10**9), Workload(micro_batch, seq))
+    return round(result.find(stage, offload, activations).peak_allocated / 2**30, 2)
+
+
+def estimated_activations(args: argparse.Namespace) -> str | None:
+    """The estimator's activation policy for this run, or None where it models none (its trace is
+    of the plain model: no chunked loss, no save_on_cpu)."""
+    if args.chunked_loss or args.save_on_cpu:
+        return None
+    if args.activation_memory:
+        return args.activation_memory
+    return "recompute" if args.activation_checkpointing else "none"
 
 
 def main() -> None:
@@ -243,10 +319,20 @@ def main() -> None:
     # Every system starts from the same weights: built on the GPU under one seed.
     model = build_model(args.model, device, args.activation_checkpointing)
     n_params = sum(p.numel() for p in model.parameters())
-    runner = Runner(args.system, model, args.micro_batch, device)
+    if args.chunked_loss:
+        from zerokit.nn import ChunkedLossCausalLM
+
+        model = ChunkedLossCausalLM(model, args.chunked_loss)
+    runner = Runner(args.system, model, args.micro_batch, device, activation_config(args))
     del model
     torch.cuda.empty_cache()
     result = measure(args.system, runner.step, args, device, n_params, MODELS[args.model][2])
+    kind, _, stage = args.system.partition("-")
+    activations = estimated_activations(args)
+    if result and kind == "zerokit" and activations:
+        layers = MODELS[args.model][2]
+        result["estimated_peak_gib"] = estimated_peak_gib(args.model, layers, result["gpus"], args.micro_batch, args.seq,
+                                                          int(stage), activations=activations)  # fmt: skip
     if result:
         print(json.dumps(result), flush=True)
     dist.destroy_process_group()

@@ -14,7 +14,7 @@ the GPU. Every measurement prints one JSON line: llama_step.py's fields plus
     python benchmarks/offload_step.py --system zerokit-offload-cpu --model 2.7b
     python benchmarks/offload_step.py --system zerokit-offload-nvme --nvme-path /local_nvme
     python benchmarks/offload_step.py --system deepspeed-2-offload-cpu \
-        --deepspeed-wheel .whl/deepspeed-0.19.8-py3-none-any.whl
+        --deepspeed-wheel deepspeed-0.19.8-py3-none-any.whl
     python benchmarks/offload_step.py --largest --nvme-path /local_nvme   # more layers at 2.7b's width
 
 --largest first computes, with zerokit's own arithmetic (zerokit.zero.memory), the most layers

@@ -35,7 +35,7 @@ void adam_step_binding(const at::Tensor& param, const at::Tensor& grad, const at
                        const at::Tensor& exp_avg_sq, int64_t step, double lr, double beta1, double beta2, double eps,
                        double weight_decay, bool decoupled_weight_decay,
                        const std::optional<at::Tensor>& low_precision_out, int64_t num_threads,
-                       const std::string& simd_level) {
+                       const std::string& simd_level, double grad_scale) {
   const std::pair<const at::Tensor*, const char*> fp32_tensors[] = {
       {&param, "param"}, {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}};
   for (const auto& [t, name] : fp32_tensors) {
@@ -59,7 +59,7 @@ void adam_step_binding(const at::Tensor& param, const at::Tensor& grad, const at
   }
   const AdamHyperParams hp{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay};
   py::gil_scoped_release no_gil;
-  adam_step(tile, step, hp, static_cast<int>(num_threads), simd_level);
+  adam_step(tile, step, hp, static_cast<int>(num_threads), simd_level, static_cast<float>(grad_scale));
 }
 
 py::tuple allocate_host_binding(int64_t nbytes, int64_t alignment, bool pin) {
@@ -107,8 +107,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_step", &adam_step_binding, py::arg("param"), py::arg("grad"), py::arg("exp_avg"),
         py::arg("exp_avg_sq"), py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("decoupled_weight_decay"), py::arg("low_precision_out") = py::none(),
-        py::arg("num_threads") = 0, py::arg("simd_level") = "",
-        "One Adam/AdamW step in place over contiguous CPU tensors (fp32 state; fp32/bf16/fp16 grad).");
+        py::arg("num_threads") = 0, py::arg("simd_level") = "", py::arg("grad_scale") = 1.0,
+        "One Adam/AdamW step in place over contiguous CPU tensors (fp32 state; fp32/bf16/fp16 grad, "
+        "multiplied by grad_scale in fp32 first).");
   m.def("adam_simd_level", &adam_simd_level, "Instruction set the CPU Adam kernel uses on this CPU.");
   m.def("allocate_host", &allocate_host_binding, py::arg("nbytes"), py::arg("alignment"), py::arg("pin"),
         "Aligned uint8 host tensor; returns (tensor, pinned, reason it is not pinned).");

@@ -53,9 +53,10 @@ struct AdamScalars {
   float bias_correction2_sqrt;
   float eps;
   float neg_step_size;
+  float grad_scale;  // 1 when there is nothing to scale (x * 1.0f == x exactly)
 };
 
-AdamScalars derive_scalars(int64_t step, const AdamHyperParams& hp) {
+AdamScalars derive_scalars(int64_t step, const AdamHyperParams& hp, float grad_scale) {
   // Same expressions, in double, as torch.optim.adam._single_tensor_adam.
   const double steps = static_cast<double>(step);
   const double bias_correction1 = 1.0 - std::pow(hp.beta1, steps);
@@ -76,6 +77,7 @@ AdamScalars derive_scalars(int64_t step, const AdamHyperParams& hp) {
   s.bias_correction2_sqrt = static_cast<float>(std::pow(bias_correction2, 0.5));
   s.eps = static_cast<float>(hp.eps);
   s.neg_step_size = static_cast<float>(-step_size);
+  s.grad_scale = grad_scale;
   return s;
 }
 
@@ -182,10 +184,10 @@ ZEROKIT_INLINE void adam_range(const AdamTile& t, const AdamScalars& s, int64_t 
   const float decay_factor = s.decay_factor, l2 = s.l2, lerp_coeff = s.lerp_coeff, beta2 = s.beta2;
   const uint32_t l2_mask = s.l2_mask, lerp_small_mask = s.lerp_small_mask;
   const float one_minus_beta2 = s.one_minus_beta2, bias_correction2_sqrt = s.bias_correction2_sqrt;
-  const float eps = s.eps, neg_step_size = s.neg_step_size;
+  const float eps = s.eps, neg_step_size = s.neg_step_size, grad_scale = s.grad_scale;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    float g = load_grad<GradT>(grad, i);
+    float g = load_grad<GradT>(grad, i) * grad_scale;      // clipping: grad.mul_(coefficient)
     float p = param[i];
     g = blend(l2_mask, multiply_add<kFma>(l2, p, g), g);  // grad = grad.add(param, alpha=wd)
     p = p * decay_factor;                                  // param.mul_(1 - lr * wd)
@@ -314,10 +316,10 @@ const char* adam_simd_level() {
 }
 
 void adam_step(const AdamTile& tile, int64_t step, const AdamHyperParams& hp, int num_threads,
-               const std::string& simd_level) {
+               const std::string& simd_level, float grad_scale) {
   if (step < 1) throw std::invalid_argument("Adam step must be >= 1, got " + std::to_string(step));
   const RangeKernel kernel = select_kernel(tile, parse_simd_level(simd_level));
-  const AdamScalars scalars = derive_scalars(step, hp);
+  const AdamScalars scalars = derive_scalars(step, hp, grad_scale);
   const int64_t n = tile.numel;
   if (n < kParallelThreshold || num_threads == 1) {
     kernel(tile, scalars, 0, n);

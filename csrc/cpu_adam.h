@@ -29,10 +29,12 @@ struct AdamTile {
 };
 
 // One Adam step (step >= 1) over a tile, split across num_threads OpenMP threads
-// (num_threads <= 0 uses the OpenMP default). simd_level "" picks the best this CPU supports;
+// (num_threads <= 0 uses the OpenMP default). The gradient is first multiplied by grad_scale in
+// fp32 (gradient clipping's coefficient: the product grad.mul_(grad_scale) gives for fp32
+// gradients, without a pass of its own). simd_level "" picks the best this CPU supports;
 // "default", "avx2" or "avx512" force one (tests use it to cover every path).
 void adam_step(const AdamTile& tile, int64_t step, const AdamHyperParams& hp, int num_threads,
-               const std::string& simd_level = "");
+               const std::string& simd_level = "", float grad_scale = 1.0f);
 
 // Name of the instruction set the kernel dispatches to on this CPU ("avx512", "avx2", "default").
 const char* adam_simd_level();

@@ -49,13 +49,15 @@ def adam_step_tile(
     hyper: AdamHyperParams,
     low_precision_out: Optional[torch.Tensor] = None,
     num_threads: Optional[int] = None,
+    grad_scale: float = 1.0,
 ) -> None:
     """One Adam step, in place, over contiguous CPU tensors with the same number of elements.
 
     param, exp_avg, exp_avg_sq: float32. grad: float32, bfloat16 or float16. step: the step
     number after this update (1 for the first). low_precision_out: a bfloat16/float16 tensor that
     receives the updated param, rounded, in the same pass. num_threads: CPU threads (default:
-    torch.get_num_threads()).
+    torch.get_num_threads()). grad_scale: the gradient is multiplied by it in fp32 before the
+    step (gradient clipping), in the same pass; `grad` itself is not changed.
     """
     _check_tensor(param, "param", (torch.float32,))
     numel = param.numel()
@@ -70,7 +72,7 @@ def adam_step_tile(
     native_ops().adam_step(
         param, grad, exp_avg, exp_avg_sq, step,
         hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay, hyper.adamw_mode,
-        low_precision_out, threads,
+        low_precision_out, threads, "", grad_scale,
     )  # fmt: skip
 
 

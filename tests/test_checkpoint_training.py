@@ -60,7 +60,7 @@ def train(engine: zerokit.Engine, first: int, steps: int) -> list[float]:
     share = slice(engine.rank * BATCH // engine.world_size, (engine.rank + 1) * BATCH // engine.world_size)
     losses = []
     for tokens, targets in data:
-        loss = lm_loss(engine(tokens[share]), targets[share])
+        loss = lm_loss(engine(tokens[share].to(engine.device)), targets[share].to(engine.device))
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())

@@ -211,3 +211,24 @@ def test_cpu_adam_continues_from_a_torch_adamw_state_dict(backend):
 def test_cpu_adam_rejects_gpu_or_half_params():
     with pytest.raises(ValueError, match="float32 CPU parameters"):
         CPUAdam([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))])
+
+
+@pytest.mark.parametrize("coefficient", [0.37, 1.0])
+def test_grad_scale_is_clippings_multiply_in_the_same_pass(backend, coefficient):
+    """grad_scale gives torch's clip-then-step: grad.mul_(coefficient) in fp32, then AdamW; the
+    gradient passed in is left unchanged."""
+    hyper = AdamHyperParams(lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(3)
+    param = torch.randn(70_001, generator=gen)
+    reference = param.clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+    exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+    for step in range(1, 6):
+        grad = torch.randn(param.shape, generator=gen)
+        original = grad.clone()
+        reference.grad = grad.clone().mul_(coefficient)
+        optimizer.step()
+        adam_step_tile(param, grad, exp_avg, exp_avg_sq, step=step, hyper=hyper, grad_scale=coefficient)
+        assert torch.equal(grad, original)
+    state = optimizer.state[reference]
+    _assert_matches((param, exp_avg, exp_avg_sq), (reference.detach(), state["exp_avg"], state["exp_avg_sq"]), backend)

@@ -25,6 +25,7 @@ def adam_step(
     low_precision_out: Optional[torch.Tensor] = None,
     num_threads: int = 0,
     simd_level: str = "",
+    grad_scale: float = 1.0,
 ) -> None:
     """Same contract as the native adam_step; num_threads is left to torch's intra-op pool."""
     if simd_level not in ("", "torch"):
@@ -32,6 +33,8 @@ def adam_step(
     if step < 1:
         raise ValueError(f"Adam step must be >= 1, got {step}")
     grad = grad.float()
+    if grad_scale != 1.0:
+        grad = grad * grad_scale  # a new tensor: the caller's gradient stays as it was
     if weight_decay != 0:
         if decoupled_weight_decay:
             param.mul_(1 - lr * weight_decay)

@@ -23,8 +23,13 @@ _QKV = ("query", "key", "value")
 
 @dataclass(frozen=True)
 class AttentionCall:
+    """One attention call, its tensors detached: a record keeps its calls, the graph's saved-tensor
+    hooks keep the record, and a tensor with its grad_fn here would close a reference cycle
+    through the graph that the garbage collector cannot see (the block's memory would leak)."""
+
     inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # query, key, value
     output: torch.Tensor
+    output_requires_grad: bool
 
 
 def _query_key_value(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,7 +56,8 @@ class AttentionRecorder(TorchFunctionMode):
             output = func(*args, **kwargs)
         finally:
             self.inside = None
-        call = AttentionCall(_query_key_value(args, kwargs), output)
+        query, key, value = _query_key_value(args, kwargs)
+        call = AttentionCall((query.detach(), key.detach(), value.detach()), output.detach(), output.requires_grad)
         self.calls.append(call)
         if self._on_output is not None:
             self._on_output(len(self.calls) - 1, call)

@@ -114,7 +114,7 @@ class CalibrationRecord(RecomputeRecord):
             return []
         probes = []
         outputs = [call.output for call in calls]
-        requires_grad = [call.output.requires_grad for call in calls]
+        requires_grad = [call.output_requires_grad for call in calls]
         for count in PROBE_TOKENS:
             start = tokens - count
             hidden = self.inputs.hidden.narrow(self.manager.config.sequence_dim, start, count)

@@ -96,7 +96,7 @@ def learn_layout(
             layout = _token_layout(tensor, samples, probes, tokens)
             kind = SlotKind.TOKENS if layout is not None else SlotKind.WHOLE
             slots.append(SlotLayout(kind, tuple(tensor.shape), tensor.dtype, tokens=layout))
-    return BlockLayout(tuple(slots), tuple(c.output.requires_grad for c in calls))
+    return BlockLayout(tuple(slots), tuple(c.output_requires_grad for c in calls))
 
 
 def _attention_slot(

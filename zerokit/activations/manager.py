@@ -24,6 +24,7 @@ import functools
 import itertools
 import statistics
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional, Union
 
@@ -210,14 +211,19 @@ class ActivationManager:
         record.after_forward()
         needs_grad = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
         if needs_grad:
+            # The hook lives on the outputs, which the graph keeps; a strong reference to the
+            # record would close a cycle through the graph that the garbage collector cannot see.
             torch.autograd.graph.register_multi_grad_hook(
-                needs_grad, functools.partial(self._pre_backward, record), mode="any"
+                needs_grad, functools.partial(self._pre_backward, weakref.ref(record)), mode="any"
             )
         return None
 
     # -- backward ------------------------------------------------------------------------------
 
-    def _pre_backward(self, record: BlockRecord, grad: torch.Tensor) -> None:
+    def _pre_backward(self, record_ref: "weakref.ref[BlockRecord]", grad: torch.Tensor) -> None:
+        record = record_ref()
+        if record is None:
+            return  # its iteration is over (a graph run backward after its records were released)
         self._begin_backward()
         current = record.sequence < len(self.records) and self.records[record.sequence] is record
         if current:

@@ -130,7 +130,7 @@ class MemoRecord(BlockRecord):
     def exit(self) -> None:
         super().exit()
         self._calls_seen = len(self._recorder.calls)
-        self._recorder.calls.clear()
+        self._recorder = None  # it refers back to this record: no cycle, so the record dies with its graph
         self._pending.clear()
         self._shared = []
         for source in self.sources:

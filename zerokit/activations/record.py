@@ -162,7 +162,7 @@ class BlockRecord:
         known = self._host_copies.get(key)
         if known is not None and known[0]() is not None:
             return known[1]
-        host, event = self.manager.streams.copy_to_host(tensor)
+        host, event = self.manager.streams.copy_to_host(tensor, owner=self)
         self._host_copies[key] = (weakref.ref(tensor), host)
         if event is not None:
             self._offloading.append(tensor)

@@ -11,11 +11,11 @@ copy's event; only then may the allocator hand its memory to new compute work. N
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from zerokit.activations.tensors import empty_like_layout
+from zerokit.activations.host_pool import PinnedHostPool
 
 
 class SwapStreams:
@@ -27,6 +27,7 @@ class SwapStreams:
             self.to_device = torch.cuda.Stream(device)
         else:
             self.to_host = self.to_device = None
+        self.host_pool = PinnedHostPool(pin=self.enabled)
 
     def record(self, stream: Optional[torch.cuda.Stream] = None) -> Optional[torch.cuda.Event]:
         """An event after all work queued so far on `stream` (default: the current stream)."""
@@ -53,10 +54,11 @@ class SwapStreams:
         with torch.cuda.stream(stream):
             yield
 
-    def copy_to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
-        """A host copy of `tensor` (pinned on CUDA, same strides when dense) and the event that
-        completes it; keep `tensor` referenced until the compute stream waited on that event."""
-        host = empty_like_layout(tensor, device="cpu", pin_memory=self.enabled)
+    def copy_to_host(self, tensor: torch.Tensor, owner: Any) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+        """A host copy of `tensor` (pinned on CUDA, same strides when dense; its memory lent to
+        `owner`, see host_pool.py) and the event that completes it; keep `tensor` referenced until
+        the compute stream waited on that event."""
+        host = self.host_pool.take(tensor, owner)
         with self._on(self.to_host, ()):
             host.copy_(tensor, non_blocking=self.enabled)
             return host, self.record(self.to_host)
@@ -68,5 +70,13 @@ class SwapStreams:
         `after` (the copies to host that filled them); returns the event that completes them."""
         with self._on(self.to_device, after):
             for target, host in pairs:
-                target.copy_(host, non_blocking=self.enabled)
+                if self.enabled and target.stride() != host.stride():
+                    # Layouts differ (a token slice of a permuted tensor): copy_ would make the
+                    # host tensor contiguous in pageable memory first, and that copy is
+                    # synchronous. Copy as laid out on the host, then rearrange on the device.
+                    staged = torch.empty_like(host, device=self.device)
+                    staged.copy_(host, non_blocking=True)
+                    target.copy_(staged)
+                else:
+                    target.copy_(host, non_blocking=self.enabled)
             return self.record(self.to_device)

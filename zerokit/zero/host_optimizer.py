@@ -4,8 +4,7 @@
 The fp32 master weights and both Adam moments of each trainable group live in host memory
 (offload_optimizer.device cpu) or in the swap file, one extent per tile and state (nvme). The
 gradient shards are already in pinned host memory (host_gradients.py) when the step begins;
-clipping's coefficient is applied to each chunk of a tile right before the kernel reads it,
-while it is in cache. For every tile, the native kernel (offload.cpu_adam.adam_step_tile)
+the kernel multiplies them by clipping's coefficient as it reads them (no pass of its own). For every tile, the native kernel (offload.cpu_adam.adam_step_tile)
 updates master and moments in place and writes the new parameters in compute dtype
 (low_precision_out) into one of offload_optimizer.buffer_count pinned upload buffers, which is
 copied to the device on the to-device stream while the CPU goes on with the next tiles (or, when
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
     from zerokit.zero.offload_resources import OffloadResources
 
 STATES = ("master", "exp_avg", "exp_avg_sq")
-CHUNK_NUMEL = 1 << 20  # elements clipped and stepped together, small enough to stay in cache
 
 
 def check_offloadable(optimizer: torch.optim.Optimizer) -> None:
@@ -338,14 +336,10 @@ def _step_tile(
         if hyper is None:
             out[lo:hi].copy_(master[lo:hi])
             continue
-        for start in range(lo, hi, CHUNK_NUMEL):
-            stop = min(start + CHUNK_NUMEL, hi)
-            chunk = grad[tile.start + start : tile.start + stop]
-            if coefficient is not None and coefficient != 1.0:
-                chunk.mul_(coefficient)
-            adam_step_tile(
-                master[start:stop], chunk, exp_avg[start:stop], exp_avg_sq[start:stop],
-                step=steps[segment.piece], hyper=hyper, low_precision_out=out[start:stop] if low_precision else None,
-            )  # fmt: skip
+        adam_step_tile(
+            master[lo:hi], grad[tile.start + lo : tile.start + hi], exp_avg[lo:hi], exp_avg_sq[lo:hi],
+            step=steps[segment.piece], hyper=hyper, low_precision_out=out[lo:hi] if low_precision else None,
+            grad_scale=1.0 if coefficient is None else coefficient,
+        )  # fmt: skip
         if not low_precision:
             out[lo:hi].copy_(master[lo:hi])
