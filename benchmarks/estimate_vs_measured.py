@@ -54,13 +54,8 @@ CASES = (
 
 
 def estimated(case: Case) -> dict:
-    from zerokit.profiler.estimate import Hardware, Workload, estimate
-    from zerokit.profiler.models import ModelSource
-
-    source = ModelSource(f"llama-{case.model}", lambda: llama_step.build_model(case.model, torch.device("meta"), False))
-    hardware = Hardware(gpus_per_node=case.gpus, gpu_memory=80 * 10**9)
-    result = estimate(source, hardware, Workload(case.micro_batch, case.seq, torch.bfloat16))
-    config = result.find(case.stage, "none", case.policy)
+    config = llama_step.estimated_configuration(case.model, None, case.gpus, case.micro_batch, case.seq, case.stage,
+                                                activations=case.policy)  # fmt: skip
     return {"allocated": config.peak_allocated, "total": sum(config.gpu.values()) - config.gpu["runtime"],
             "breakdown": dict(config.gpu), "memo_alpha": config.memo_alpha}  # fmt: skip
 

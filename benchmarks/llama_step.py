@@ -285,15 +285,21 @@ def activation_label(args: argparse.Namespace) -> str:
     return "+".join(parts) or "none"
 
 
-def estimated_peak_gib(model: str, layers: int, gpus: int, micro_batch: int, seq: int, stage: int,
-                       offload: str = "none", activations: str = "none") -> float:
-    """`zerokit estimate`'s allocator peak (GiB) for this model and configuration, from the meta device."""
+def estimated_configuration(model: str, layers: int | None, gpus: int, micro_batch: int, seq: int, stage: int,
+                            offload: str = "none", activations: str = "none"):
+    """`zerokit estimate`'s row (a zerokit.profiler.estimate.Configuration) for this model and
+    configuration, from the meta device."""
     from zerokit.profiler.estimate import Hardware, Workload, estimate
     from zerokit.profiler.models import ModelSource
 
     source = ModelSource(f"llama-{model}", lambda: build_model(model, torch.device("meta"), False, layers))
     result = estimate(source, Hardware(gpus_per_node=gpus, gpu_memory=80 * 10**9), Workload(micro_batch, seq))
-    return round(result.find(stage, offload, activations).peak_allocated / 2**30, 2)
+    return result.find(stage, offload, activations)
+
+
+def estimated_peak_gib(*args, **kwargs) -> float:
+    """The allocator peak (GiB) of estimated_configuration(*args, **kwargs)."""
+    return round(estimated_configuration(*args, **kwargs).peak_allocated / 2**30, 2)
 
 
 def estimated_activations(args: argparse.Namespace) -> str | None:

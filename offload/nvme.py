@@ -161,10 +161,6 @@ class NVMeSwapper:
     def fallback_reason(self) -> str:
         return self._files.file.fallback_reason
 
-    @property
-    def used_bytes(self) -> int:
-        return self._used_bytes
-
     def extent(self, key: str) -> SwapExtent:
         try:
             return self._extents[key]
@@ -191,21 +187,24 @@ class NVMeSwapper:
         if tensor_nbytes(out) != extent.nbytes:
             raise ValueError(f"{key!r} holds {extent.nbytes} bytes, but out has {tensor_nbytes(out)}")
         self._wait_pending(key)
-        verify = None
-        if self.checksum:
-            expected = self._checksums[key]
-
-            def verify() -> None:
-                actual = zlib.crc32(byte_view(out))
-                if actual != expected:
-                    raise RuntimeError(
-                        f"checksum mismatch swapping in {key!r} from {self._files.file.path}: "
-                        f"wrote crc32 {expected:#010x}, read {actual:#010x}"
-                    )
-
+        verify = self._checksum_check(key, out) if self.checksum else None
         handle = SwapHandle(self.io.read(self._files.file, out, extent.offset), verify)
         self._files.pending[key] = handle
         return handle
+
+    def _checksum_check(self, key: str, out: torch.Tensor) -> Callable[[], None]:
+        """Compares what was read into `out` with the CRC32 of what was written under `key`."""
+        expected, path = self._checksums[key], self._files.file.path
+
+        def verify() -> None:
+            actual = zlib.crc32(byte_view(out))
+            if actual != expected:
+                raise RuntimeError(
+                    f"checksum mismatch swapping in {key!r} from {path}: "
+                    f"wrote crc32 {expected:#010x}, read {actual:#010x}"
+                )
+
+        return verify
 
     def staging_bytes(self, groups: Sequence[Sequence[str]]) -> int:
         """Bytes each of stream()'s two staging buffers needs for these groups."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_activations_parity import POLICIES as PARITY_POLICIES
 from tests.test_activations_parity import llama
 from zerokit.activations import apply_activation_memory
 from zerokit.activations.alpha import host_bandwidth
@@ -21,14 +22,8 @@ from gpt import GPT, GPTConfig  # noqa: E402
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 LAYERS, DIM, HEADS, BATCH, SEQ, VOCAB = 8, 256, 4, 4, 512, 256
-POLICIES = {
-    "recompute": {"policy": "recompute"},
-    "swap": {"policy": "swap"},
-    "memo_alpha0": {"policy": "memo", "alpha": 0.0},
-    "memo_alpha0.5": {"policy": "memo", "alpha": 0.5},
-    "memo_alpha1": {"policy": "memo", "alpha": 1.0},
-    "memo_planned": {"policy": "memo"},
-}
+# The CPU parity policies that move activations (the mixed one is for a four-block model).
+POLICIES = {name: policy for name, policy in PARITY_POLICIES.items() if name not in ("keep", "mixed")}
 
 
 @pytest.fixture(autouse=True)

@@ -6,21 +6,16 @@ import pytest
 import torch
 
 import offload.aio as aio_module
-import offload.fallback
 from offload.aio import AsyncIO
-from offload.extension import extension_status
 from offload.raw_memory import IO_ALIGNMENT, aligned_size
+from tests.offload_backends import BACKENDS, use_backend
 
 BLOCK = 64 << 10  # small blocks: many per request, spread over the threads
 
 
-@pytest.fixture(params=["native", "python"])
+@pytest.fixture(params=BACKENDS)
 def io(request, monkeypatch):
-    if request.param == "native":
-        if extension_status().path == "python":
-            pytest.skip(f"native extension unavailable: {extension_status().reason}")
-    else:
-        monkeypatch.setattr(aio_module, "native_ops", lambda: offload.fallback)
+    use_backend(request.param, monkeypatch, aio_module)
     return AsyncIO(num_threads=4, block_size=BLOCK)
 
 

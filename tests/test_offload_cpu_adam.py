@@ -5,22 +5,17 @@ import pytest
 import torch
 
 import offload.cpu_adam as cpu_adam_module
-import offload.fallback
 from offload.cpu_adam import AdamHyperParams, CPUAdam, adam_step_tile
 from offload.extension import extension_status, native_ops
+from tests.offload_backends import BACKENDS, use_backend
 
 # Odd sizes, and sizes across the kernel's chunking (16384) and parallel threshold (65536).
 SHAPES = [(1,), (7,), (3, 5), (16385,), (257, 257)]
 
 
-@pytest.fixture(params=["native", "python"])
+@pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    """Route offload.cpu_adam through the native kernel or the Python fallback."""
-    if request.param == "native":
-        if extension_status().path == "python":
-            pytest.skip(f"native extension unavailable: {extension_status().reason}")
-        return request.param
-    monkeypatch.setattr(cpu_adam_module, "native_ops", lambda: offload.fallback)
+    use_backend(request.param, monkeypatch, cpu_adam_module)
     return request.param
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import offload.aio as aio_module
-import offload.fallback
 import offload.nvme as nvme_module
 from offload.nvme import CHECKSUM_ENV, NVMePathError, NVMeSwapper, check_nvme_path
 from offload.raw_memory import aligned_size
+from tests.offload_backends import BACKENDS, use_backend
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,10 +57,9 @@ def test_too_little_free_space_says_needed_and_free_bytes(tmp_path):
     assert list(tmp_path.iterdir()) == []  # checked before anything was created
 
 
-@pytest.mark.parametrize("backend", ["native", "python"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_round_trip_and_cleanup_touch_only_our_directory(nvme_dir, backend, monkeypatch):
-    if backend == "python":
-        monkeypatch.setattr(aio_module, "native_ops", lambda: offload.fallback)
+    use_backend(backend, monkeypatch, aio_module)
     before = _snapshot(nvme_dir)
     tensors = {"w": torch.randn(1000, 33), "b": torch.randn(7), "i": torch.arange(4099, dtype=torch.int16)}
     swapper = NVMeSwapper(nvme_dir, NVMeSwapper.bytes_needed(list(tensors.values())), rank=3)

@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-import offload.fallback
 import offload.host_memory as host_memory_module
-from offload.extension import extension_status
 from offload.host_memory import allocate_host_buffer
 from offload.pinned_pool import PinnedBufferPool, PinnedPoolBudgetError
 from offload.raw_memory import IO_ALIGNMENT
+from tests.offload_backends import BACKENDS, use_backend
 
 
 class FakeOperation:
@@ -24,13 +23,9 @@ class FakeOperation:
         self.waited = self.finished = True
 
 
-@pytest.fixture(params=["native", "python"])
+@pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    if request.param == "native":
-        if extension_status().path == "python":
-            pytest.skip(f"native extension unavailable: {extension_status().reason}")
-    else:
-        monkeypatch.setattr(host_memory_module, "native_ops", lambda: offload.fallback)
+    use_backend(request.param, monkeypatch, host_memory_module)
     return request.param
 
 

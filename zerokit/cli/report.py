@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -122,7 +122,8 @@ def gpus_section() -> Section:
     return Section("GPUs", tuple(rows))
 
 
-def _gpus_from_nvml() -> Optional[list[tuple[str, str]]]:
+def _with_nvml(read: Callable[[Any], list[tuple[str, str]]]) -> Optional[list[tuple[str, str]]]:
+    """read(pynvml) between NVML's init and shutdown; None where NVML cannot start."""
     try:
         import pynvml
 
@@ -130,23 +131,29 @@ def _gpus_from_nvml() -> Optional[list[tuple[str, str]]]:
     except Exception:  # ImportError, or NVMLError when no driver is loaded
         return None
     try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        rows = [("driver", driver.decode() if isinstance(driver, bytes) else str(driver))]
-        count = pynvml.nvmlDeviceGetCount()
-        if count == 0:
-            rows.append(("GPUs", "none found by NVML"))
-        for i in range(count):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            rows.append((
-                f"GPU {i}",
-                f"{name.decode() if isinstance(name, bytes) else name}, "
-                f"{memory.total / 2**30:.1f} GiB total, {memory.used / 2**30:.1f} GiB used",
-            ))  # fmt: skip
-        return rows
+        return read(pynvml)
     finally:
         pynvml.nvmlShutdown()
+
+
+def _gpus_from_nvml() -> Optional[list[tuple[str, str]]]:
+    return _with_nvml(_gpu_rows)
+
+
+def _gpu_rows(pynvml) -> list[tuple[str, str]]:
+    rows = [("driver", _text(pynvml.nvmlSystemGetDriverVersion()))]
+    count = pynvml.nvmlDeviceGetCount()
+    if count == 0:
+        rows.append(("GPUs", "none found by NVML"))
+    for i in range(count):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        rows.append((
+            f"GPU {i}",
+            f"{_text(pynvml.nvmlDeviceGetName(handle))}, "
+            f"{memory.total / 2**30:.1f} GiB total, {memory.used / 2**30:.1f} GiB used",
+        ))  # fmt: skip
+    return rows
 
 
 def links_section() -> Section:
@@ -159,33 +166,28 @@ def links_section() -> Section:
 
 
 def _nvlinks_from_nvml() -> Optional[list[tuple[str, str]]]:
-    try:
-        import pynvml
+    return _with_nvml(_nvlink_rows)
 
-        pynvml.nvmlInit()
-    except Exception:  # ImportError, or NVMLError when no driver is loaded
-        return None
-    try:
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        bus_ids = [_text(pynvml.nvmlDeviceGetPciInfo(h).busId).lower() for h in handles]
-        rows = [] if handles else [("NVLink", "no GPU found by NVML")]
-        for index, handle in enumerate(handles):
-            peers: dict[str, int] = {}
-            for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
-                try:
-                    if pynvml.nvmlDeviceGetNvLinkState(handle, link) != pynvml.NVML_FEATURE_ENABLED:
-                        continue
-                    remote = _text(pynvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link).busId).lower()
-                except pynvml.NVMLError:  # link absent or not supported on this GPU
+
+def _nvlink_rows(pynvml) -> list[tuple[str, str]]:
+    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    bus_ids = [_text(pynvml.nvmlDeviceGetPciInfo(h).busId).lower() for h in handles]
+    rows = [] if handles else [("NVLink", "no GPU found by NVML")]
+    for index, handle in enumerate(handles):
+        peers: dict[str, int] = {}
+        for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
+            try:
+                if pynvml.nvmlDeviceGetNvLinkState(handle, link) != pynvml.NVML_FEATURE_ENABLED:
                     continue
-                peer = f"GPU {bus_ids.index(remote)}" if remote in bus_ids else "NVSwitch/other"
-                peers[peer] = peers.get(peer, 0) + 1
-            detail = ", ".join(f"{count} to {peer}" for peer, count in sorted(peers.items()))
-            rows.append((f"GPU {index}", f"{sum(peers.values())} NVLink links active: {detail}" if peers
-                         else "no active NVLink (PCIe only)"))  # fmt: skip
-        return rows
-    finally:
-        pynvml.nvmlShutdown()
+                remote = _text(pynvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link).busId).lower()
+            except pynvml.NVMLError:  # link absent or not supported on this GPU
+                continue
+            peer = f"GPU {bus_ids.index(remote)}" if remote in bus_ids else "NVSwitch/other"
+            peers[peer] = peers.get(peer, 0) + 1
+        detail = ", ".join(f"{count} to {peer}" for peer, count in sorted(peers.items()))
+        rows.append((f"GPU {index}", f"{sum(peers.values())} NVLink links active: {detail}" if peers
+                     else "no active NVLink (PCIe only)"))  # fmt: skip
+    return rows
 
 
 def _text(value) -> str:

@@ -65,6 +65,7 @@ class ChunkedLossCausalLM(nn.Module):
 
     @property
     def config(self):
+        """The wrapped model's config (checks such as memo's attention implementation read it)."""
         return self.lm.config
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **decoder_kwargs) -> torch.Tensor:

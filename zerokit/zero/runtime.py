@@ -89,21 +89,15 @@ class ShardingRuntime:
         self.pending: collections.deque[PendingReduction] = collections.deque()
         self.reduce_in_this_backward = True
         self.backward_pending = False  # a forward ran whose backward has not finished
-        self._handles = []
         for index, unit in enumerate(units):
-            self._handles.append(unit.module.register_forward_pre_hook(functools.partial(self._pre_forward, unit)))
-            self._handles.append(unit.module.register_forward_hook(functools.partial(self._post_forward, unit)))
+            unit.module.register_forward_pre_hook(functools.partial(self._pre_forward, unit))
+            unit.module.register_forward_hook(functools.partial(self._post_forward, unit))
             # Parameters hold their hooks in C++-owned state that Python's garbage collector does
             # not traverse: a strong reference back to this runtime would keep the whole model
             # alive after the engine is dropped. The hook refers to it weakly, by unit index.
             for param in unit.trainable_params:
                 hook = functools.partial(_grad_ready, weakref.ref(self), index)
-                self._handles.append(param.register_post_accumulate_grad_hook(hook))
-
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+                param.register_post_accumulate_grad_hook(hook)
 
     # -- forward -------------------------------------------------------------------------------
 
