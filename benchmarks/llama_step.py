@@ -257,6 +257,8 @@ def measure(system: str, step, args: argparse.Namespace, device: torch.device, n
         "seq": args.seq,
         "micro_batch": args.micro_batch,
         "activations": activation_label(args),
+        "warmup": args.warmup,  # memo plans in its first step: its steady state starts at the third
+        "steps": args.steps,
         "step_s": round(step_time, 4),
         "tok_s_gpu": round(tokens / step_time),
         "tflops_gpu": round(tflops, 1),
@@ -279,21 +281,26 @@ def activation_label(args: argparse.Namespace) -> str:
     parts = [name for name, on in (("checkpointing", args.activation_checkpointing), ("save_on_cpu", args.save_on_cpu))
              if on]  # fmt: skip
     if args.activation_memory:
-        parts.append(args.activation_memory + (f"(alpha={args.alpha})" if args.alpha is not None else ""))
+        options = [f"{name}={value}" for name, value in (("alpha", args.alpha), ("keep_last", args.keep_last))
+                   if value is not None]  # fmt: skip
+        parts.append(args.activation_memory + (f"({', '.join(options)})" if options else ""))
     if args.chunked_loss:
         parts.append(f"chunked_loss({args.chunked_loss})")
     return "+".join(parts) or "none"
 
 
 def estimated_configuration(model: str, layers: int | None, gpus: int, micro_batch: int, seq: int, stage: int,
-                            offload: str = "none", activations: str = "none"):
+                            offload: str = "none", activations: str = "none", chunked_loss: int | None = None,
+                            keep_last: int | None = None, alpha: float | None = None):
     """`zerokit estimate`'s row (a zerokit.profiler.estimate.Configuration) for this model and
-    configuration, from the meta device."""
+    configuration, from the meta device: with the loss over chunks of `chunked_loss` tokens, and
+    activation_memory's `keep_last` and `alpha` where given."""
     from zerokit.profiler.estimate import Hardware, Workload, estimate
     from zerokit.profiler.models import ModelSource
 
     source = ModelSource(f"llama-{model}", lambda: build_model(model, torch.device("meta"), False, layers))
-    result = estimate(source, Hardware(gpus_per_node=gpus, gpu_memory=80 * 10**9), Workload(micro_batch, seq))
+    workload = Workload(micro_batch, seq, chunked_loss=chunked_loss, keep_last=keep_last, alpha=alpha)
+    result = estimate(source, Hardware(gpus_per_node=gpus, gpu_memory=80 * 10**9), workload)
     return result.find(stage, offload, activations)
 
 
@@ -303,9 +310,9 @@ def estimated_peak_gib(*args, **kwargs) -> float:
 
 
 def estimated_activations(args: argparse.Namespace) -> str | None:
-    """The estimator's activation policy for this run, or None where it models none (its trace is
-    of the plain model: no chunked loss, no save_on_cpu)."""
-    if args.chunked_loss or args.save_on_cpu:
+    """The estimator's activation policy for this run, or None where it models none
+    (save_on_cpu)."""
+    if args.save_on_cpu:
         return None
     if args.activation_memory:
         return args.activation_memory
@@ -337,8 +344,10 @@ def main() -> None:
     activations = estimated_activations(args)
     if result and kind == "zerokit" and activations:
         layers = MODELS[args.model][2]
-        result["estimated_peak_gib"] = estimated_peak_gib(args.model, layers, result["gpus"], args.micro_batch, args.seq,
-                                                          int(stage), activations=activations)  # fmt: skip
+        result["estimated_peak_gib"] = estimated_peak_gib(
+            args.model, layers, result["gpus"], args.micro_batch, args.seq, int(stage), activations=activations,
+            chunked_loss=args.chunked_loss or None, keep_last=args.keep_last, alpha=args.alpha,
+        )  # fmt: skip
     if result:
         print(json.dumps(result), flush=True)
     dist.destroy_process_group()

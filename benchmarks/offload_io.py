@@ -9,7 +9,9 @@ CUDA events from issue to completion; medians.
 NVMe (with --nvme-path): --nvme-bytes written, then read back, in a fresh directory under
 --nvme-path (removed at the end). Baselines, --threads threads on disjoint 4 MiB blocks of one
 file, striped over the threads: buffered os.pwrite/os.preadv ("buffered"), and the same with
-O_DIRECT from page-aligned buffers ("direct"); the faster is the disk's "ceiling". zerokit, with
+O_DIRECT from page-aligned buffers ("direct"), and with O_DIRECT from each block's own place in
+one large buffer, as zerokit's data lives ("direct_in_place"); the fastest is the disk's
+"ceiling". zerokit, with
 --threads threads: AsyncIO with every 64 MiB request in flight ("aio"), and NVMeSwapper swapping
 64 MiB pieces of one host tensor out and in ("swapper"). Write times include fsync. Before each
 read the file's pages are dropped with posix_fadvise(DONTNEED) where available (fadvise_dontneed;
@@ -163,14 +165,16 @@ def time_disk(path: Path, write: Callable[[], None], read: Callable[[], None], r
     return dict(write=statistics.median(writes), read=statistics.median(reads), fadvise_dontneed=dropped)
 
 
-def threaded_pio(fd: int, blocks: list[mmap.mmap], total: int, write: bool) -> None:
-    """Thread t moves blocks t, t + threads, ... through its own buffer: the disk sees one sequential
-    stream (on the disks tried, faster than a contiguous range per thread)."""
+def threaded_pio(fd: int, blocks: list[mmap.mmap], total: int, write: bool, whole: mmap.mmap | None = None) -> None:
+    """Thread t moves blocks t, t + threads, ... through its own buffer (or, given `whole`, through
+    the block's own place in that one large buffer, as the engine's data lives): the disk sees one
+    sequential stream (on the disks tried, faster than a contiguous range per thread)."""
     threads = len(blocks)
 
     def work(thread: int) -> None:
         for offset in range(thread * BLOCK, total, threads * BLOCK):
-            moved = os.pwrite(fd, blocks[thread], offset) if write else os.preadv(fd, [blocks[thread]], offset)
+            buffer = blocks[thread] if whole is None else memoryview(whole)[offset : offset + BLOCK]
+            moved = os.pwrite(fd, buffer, offset) if write else os.preadv(fd, [buffer], offset)
             if moved != BLOCK:
                 raise RuntimeError(f"short {'write' if write else 'read'} at offset {offset}: {moved} of {BLOCK} bytes")
 
@@ -185,7 +189,7 @@ def nvme_section(nvme_path: str, total: int, threads: int, repeats: int, report:
     def record(method: str, seconds: dict, **fields) -> None:
         for op in ("write", "read"):
             gbps = total / GB / seconds[op]
-            if method in ("buffered", "direct"):
+            if method in ("buffered", "direct", "direct_in_place"):
                 ceiling[op] = max(ceiling[op], gbps)
             else:
                 fields.update(ratio=gbps / ceiling[op], ceiling_gbps=ceiling[op])
@@ -195,10 +199,13 @@ def nvme_section(nvme_path: str, total: int, threads: int, repeats: int, report:
         blocks = [mmap.mmap(-1, BLOCK) for _ in range(threads)]  # page-aligned, as O_DIRECT needs
         for block in blocks:
             block[:] = os.urandom(BLOCK)
-        for method in ("buffered", "direct"):
+        whole = mmap.mmap(-1, total)
+        for offset in range(0, total, BLOCK):  # every page touched first, as the engine's pinned buffers are
+            whole[offset : offset + BLOCK] = blocks[0]
+        for method in ("buffered", "direct", "direct_in_place"):
             path = Path(directory) / f"{method}.bin"
             flags = os.O_RDWR | os.O_CREAT
-            if method == "direct":
+            if method.startswith("direct"):
                 try:
                     os.close(os.open(path, flags | os.O_DIRECT, 0o600))
                 except (AttributeError, OSError) as error:  # no O_DIRECT here, or the filesystem refuses it
@@ -206,11 +213,12 @@ def nvme_section(nvme_path: str, total: int, threads: int, repeats: int, report:
                     continue
                 flags |= os.O_DIRECT
             fd = os.open(path, flags, 0o600)
-            seconds = time_disk(path, lambda: threaded_pio(fd, blocks, total, write=True),
-                                lambda: threaded_pio(fd, blocks, total, write=False), repeats)  # fmt: skip
+            place = whole if method == "direct_in_place" else None
+            seconds = time_disk(path, lambda: threaded_pio(fd, blocks, total, write=True, whole=place),
+                                lambda: threaded_pio(fd, blocks, total, write=False, whole=place), repeats)  # fmt: skip
             os.close(fd)
             path.unlink()  # one test file on the disk at a time
-            record(method, seconds, direct=method == "direct")
+            record(method, seconds, direct=method != "buffered")
         for op in ("write", "read"):
             report(**common, method="ceiling", op=op, gbps=ceiling[op])
 

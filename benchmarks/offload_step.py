@@ -10,6 +10,8 @@ the GPU. Every measurement prints one JSON line: llama_step.py's fields plus
     host_gib       resident host memory of the process after the timed steps (psutil)
     disk_gib       bytes of zerokit's swap files
     offload_gib    zerokit's own count of offloaded bytes: {"host": ..., "nvme": ...}
+    estimated_peak_gib  `zerokit estimate`'s allocator peak for the placement (zerokit systems
+                   with an estimator row), from the meta-device model after the measurement
 
     python benchmarks/offload_step.py --system zerokit-offload-cpu --model 2.7b
     python benchmarks/offload_step.py --system zerokit-offload-nvme --nvme-path /local_nvme
@@ -35,7 +37,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from llama_step import add_timing_arguments, build_model, engine_step, make_optimizer, measure  # noqa: E402
+from llama_step import (  # noqa: E402
+    add_timing_arguments, build_model, engine_step, estimated_peak_gib, make_optimizer, measure,
+)  # fmt: skip
 
 GiB = 2**30
 STAGE3 = {"stage": 3, "stage3_param_persistence_threshold": 100_000}
@@ -47,6 +51,11 @@ def zerokit_zero(system: str, nvme_path: str | None) -> dict | None:
     return {
         "zerokit-none": {"stage": 2},
         "zerokit-offload-cpu": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        # the CPU step on the training thread, after the backward (no overlap with the next forward)
+        "zerokit-offload-cpu-serial": {"stage": 2, "offload_optimizer": {"device": "cpu", "overlap_step": False}},
+        # ZeRO-Offload's delayed parameter update from the third step on (every timed step)
+        "zerokit-offload-cpu-delayed": {"stage": 2, "offload_optimizer": {"device": "cpu",
+                                                                          "delayed_parameter_update_after": 2}},
         "zerokit-offload-cpu-params": {**STAGE3, "offload_optimizer": {"device": "cpu"},
                                        "offload_param": {"device": "cpu"}},
         "zerokit-offload-nvme": {"stage": 2, "offload_optimizer": nvme},
@@ -57,9 +66,21 @@ def zerokit_zero(system: str, nvme_path: str | None) -> dict | None:
 
 
 SYSTEMS = (
-    "zerokit-none", "zerokit-offload-cpu", "zerokit-offload-cpu-params", "zerokit-offload-nvme",
+    "zerokit-none", "zerokit-offload-cpu", "zerokit-offload-cpu-serial", "zerokit-offload-cpu-delayed",
+    "zerokit-offload-cpu-params", "zerokit-offload-nvme",
     "zerokit-offload-nvme-cpu-params", "zerokit-offload-nvme-params", "deepspeed-2-offload-cpu",
 )  # fmt: skip
+# `zerokit estimate`'s (stage, offload) row of each zerokit system.
+ESTIMATED_ROWS = {
+    "zerokit-none": (2, "none"),
+    "zerokit-offload-cpu": (2, "cpu_optimizer"),
+    "zerokit-offload-cpu-serial": (2, "cpu_optimizer"),
+    "zerokit-offload-cpu-delayed": (2, "cpu_optimizer"),  # its second buffers are host memory
+    "zerokit-offload-cpu-params": (3, "cpu_optimizer_params"),
+    "zerokit-offload-nvme": (2, "nvme_optimizer"),
+    "zerokit-offload-nvme-cpu-params": (3, "nvme_optimizer_cpu_params"),
+    "zerokit-offload-nvme-params": (3, "nvme"),
+}
 # Placements --largest tries: (system, what bounds it).
 LARGEST = ("zerokit-offload-cpu-params", "zerokit-offload-nvme-cpu-params", "zerokit-offload-nvme-params")
 
@@ -175,6 +196,10 @@ def run_one(args: argparse.Namespace) -> None:
             disk_gib=round(runner.swap_bytes() / GiB, 2),
             offload_gib=runner.offloaded_bytes(),
         )
+        if args.system in ESTIMATED_ROWS:
+            stage, offload = ESTIMATED_ROWS[args.system]
+            result["estimated_peak_gib"] = estimated_peak_gib(args.model, args.layers, result["gpus"], args.micro_batch,
+                                                              args.seq, stage, offload, "recompute")  # fmt: skip
         print(json.dumps(result), flush=True)
     dist.destroy_process_group()
 
@@ -211,7 +236,7 @@ def predicted_layers(system: str, args: argparse.Namespace) -> int:
 def largest(args: argparse.Namespace) -> None:
     """For each placement: the predicted most layers, then a one-step trial in a child process,
     with 10% fewer layers after each failure."""
-    for system in LARGEST:
+    for system in args.largest or LARGEST:
         layers = predicted_layers(system, args)
         print(json.dumps({"system": system, "predicted_layers": layers}), flush=True)
         for _ in range(args.largest_tries):
@@ -233,7 +258,8 @@ def largest(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--system", choices=SYSTEMS)
-    parser.add_argument("--largest", action="store_true", help="find the largest model that trains (see above)")
+    parser.add_argument("--largest", nargs="*", choices=LARGEST, metavar="SYSTEM",
+                        help=f"find the largest model that trains (see above) with these placements (default: {LARGEST})")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the model's own)")
     parser.add_argument("--nvme-path", help="directory on a local NVMe drive for swap files")
     parser.add_argument("--deepspeed-wheel", help="import deepspeed from this wheel file")
@@ -245,7 +271,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.deepspeed_wheel:
         use_deepspeed_wheel(args.deepspeed_wheel)
-    if args.largest:
+    if args.largest is not None:
         largest(args)
     elif args.system:
         run_one(args)

@@ -4,9 +4,11 @@
 
 For each keep ratio (1 = exact nn.Linear) the Llama model of llama_step.py trains in bf16 with
 zerokit (one rank) without activation checkpointing. Activation memory = peak allocated during a
-step minus what is allocated between steps (model and optimizer states). Then micro-batches grow
-until one runs out of memory. Finally exact and the first sampled ratio train `--loss-steps` steps
-on real text (the Python standard library's source, as bytes) and their loss curves are plotted.
+step minus what is allocated between steps (model and optimizer states); beside it, `zerokit
+estimate`'s figures for the same run (estimated_activation_gib and estimated_peak_gib, from the
+meta-device model, no GPU). Then micro-batches grow until one runs out of memory. Finally exact
+and the first sampled ratio train `--loss-steps` steps on real text (the Python standard
+library's source, as bytes) and their loss curves are plotted.
 """
 from __future__ import annotations
 
@@ -94,6 +96,24 @@ def measure(args, keep: float, device: torch.device) -> dict:
     }
 
 
+def estimated(args, keep: float) -> dict:
+    """`zerokit estimate`'s counterparts of measure()'s peak and activation memory: stage 0 on one
+    GPU, no activation policy, the blocks' linear layers converted to WTA-CRS as the engine
+    converts them. What the peak adds to the states held between steps is the activations, the
+    gradients and the reduction buffers at the estimated peak."""
+    from zerokit.profiler.estimate import Hardware, Workload, estimate
+    from zerokit.profiler.models import ModelSource
+
+    source = ModelSource(f"llama-{args.model}", lambda: build_model(args.model, torch.device("meta"), False))
+    workload = Workload(args.micro_batch, args.seq, torch.bfloat16, wtacrs_keep_ratio=keep if keep < 1 else None)
+    config = estimate(source, Hardware(), workload).find(0, "none", "none")
+    added = config.gpu["activations"] + config.gpu["gradients"] + config.gpu["communication"]
+    return {
+        "estimated_peak_gib": round(config.peak_allocated / 2**30, 2),
+        "estimated_activation_gib": round(added / 2**30, 2),
+    }
+
+
 def loss_curve(args, keep: float, device: torch.device) -> list[float]:
     # Peak memory is not read here, so both curves may share this process.
     engine = make_engine(args.model, keep, args.micro_batch, device)
@@ -158,6 +178,8 @@ def main() -> None:
         print(json.dumps(measure(args, args.measure_only, device)), flush=True)
         return
     results = [_measure_in_subprocess(keep) for keep in args.keep]
+    for result in results:  # after every measurement, on the meta device
+        result.update(estimated(args, result["keep"]))
     for result in results:
         print(json.dumps(result), flush=True)
     if args.loss_steps:
@@ -169,9 +191,11 @@ def main() -> None:
         for label, losses in curves.items():
             tail = losses[-20:]
             print(f"{label}: first {losses[0]:.3f}, mean of last 20 {sum(tail) / len(tail):.3f}", flush=True)
-    print("| keep | tok/s | peak GiB | activation GiB | largest micro-batch |\n|---|---|---|---|---|")
+    print("| keep | tok/s | peak GiB | estimated peak GiB | activation GiB | estimated activation GiB "
+          "| largest micro-batch |\n|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['keep']} | {r['tok_s']:,} | {r['peak_gib']} | {r['activation_gib']} | {r['largest_micro_batch']} |")
+        print(f"| {r['keep']} | {r['tok_s']:,} | {r['peak_gib']} | {r['estimated_peak_gib']} | {r['activation_gib']} "
+              f"| {r['estimated_activation_gib']} | {r['largest_micro_batch']} |")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,14 @@ from zerokit.profiler.presets import PRESETS
 HAND = "tests.test_profiler_estimate:hand_model"
 ARGS = ["--gpus", "2", "--gpu-memory", "80GB", "--host-memory", "512GB", "--micro-batch", "2", "--seq", "16"]
 
-# The schema's key set: adding or renaming a key is a new schema version.
+# The schema's key set: removing or renaming a key is a new schema version; keys are only added
+# (workload.wtacrs_keep_ratio; workload.chunked_loss_tokens, keep_last and alpha; the offload
+# "nvme_optimizer" added rows, not keys).
 TOP = {"schema", "model", "workload", "hardware", "assumptions", "activations", "configurations", "recommended"}
 MODEL = {"name", "parameters", "trainable_parameters", "blocks", "sharding_units"}
-WORKLOAD = {"micro_batch", "seq", "dtype", "attention_kernels"}
+WORKLOAD = {
+    "micro_batch", "seq", "dtype", "attention_kernels", "wtacrs_keep_ratio", "chunked_loss_tokens", "keep_last", "alpha",
+}  # fmt: skip
 HARDWARE = {"nodes", "gpus_per_node", "world_size", "gpu_memory_bytes", "host_memory_bytes", "nvme_bytes"}
 # offload_buffers: the engine's offload buffer settings, which the offload rows now follow
 # (they replaced a fixed count of staging buffers)
@@ -56,7 +60,7 @@ def test_json_schema_is_stable(capsys) -> None:
     assert set(data["model"]) == MODEL and set(data["workload"]) == WORKLOAD and set(data["hardware"]) == HARDWARE
     assert set(data["assumptions"]) == ASSUMPTIONS and set(data["activations"]) == ACTIVATIONS
     assert set(data["activations"]["largest_block"]) == BLOCK
-    assert len(data["configurations"]) == 64
+    assert len(data["configurations"]) == 4 * 6 * 4  # stages x offloads x activation policies
     for config in data["configurations"]:
         assert set(config) == CONFIGURATION
         assert set(config["gpu"]) == GPU and set(config["host"]) == HOST and set(config["nvme"]) == NVME
@@ -64,6 +68,21 @@ def test_json_schema_is_stable(capsys) -> None:
         assert config["gpu"]["total"] == sum(v for k, v in config["gpu"].items() if k != "total")
     assert set(data["recommended"]) == {"stage", "offload", "activations"}
     assert data["hardware"]["gpu_memory_bytes"] == 80 * 10**9 and data["workload"]["dtype"] == "bf16"
+
+
+def test_json_has_the_optimizer_on_nvme(capsys) -> None:
+    code, out, _ = _run(capsys, "--model", HAND, *ARGS, "--nvme", "1TB", "--json")
+    assert code == 0
+    data = json.loads(out)
+    rows = {(c["stage"], c["activations"]): c for c in data["configurations"] if c["offload"] == "nvme_optimizer"}
+    assert len(rows) == 16 and not rows[(0, "none")]["supported"]
+    row = rows[(2, "none")]
+    assert row["supported"] and row["fits"]["all"]
+    assert row["gpu"]["master_weights"] == row["gpu"]["optimizer_states"] == 0
+    assert row["nvme"]["master_weights"] > 0 and row["nvme"]["optimizer_states"] == 2 * row["nvme"]["master_weights"]
+    assert row["host"]["staging"] > 0 and row["host"]["gradients"] > 0
+    costs = data["assumptions"]["costs"]["offload"]
+    assert costs["cpu_optimizer"] < costs["cpu_optimizer_params"] < costs["nvme_optimizer"] < costs["nvme"]
 
 
 def test_table_marks_the_recommendation(capsys) -> None:

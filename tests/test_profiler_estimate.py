@@ -10,10 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zerokit.config import Config
 from zerokit.profiler.activations import block_activations, gpu_timeline
 from zerokit.profiler.estimate import GPU_RUNTIME_BYTES, HOST_RUNTIME_BYTES, Hardware, Workload, estimate
 from zerokit.profiler.models import build_on_meta, resolve_model
 from zerokit.profiler.trace import trace_step
+from zerokit.zero.memory import model_state_bytes
+from zerokit.zero.policy import OffloadPolicy, ShardingPolicy
 from zerokit.zero.units import plan_units
 
 V, D, FF, L = 256, 128, 512, 4
@@ -141,13 +144,64 @@ def test_offload_placements(result) -> None:
     tile = 3 * shard * FP32  # master and two moments
     assert nvme.host["staging"] == uploads + 2 * tile + (5 + 1) * shard * BF16
 
+    # the optimizer alone on NVMe: parameters stay on the GPU (stage 2 keeps them whole), fp32
+    # gradient shards in pinned host memory, masters and moments in the swap file (every shard is
+    # a multiple of 4 KiB in fp32: no extent padding), staged through uploads and two NVMe tiles
+    disk = result.find(2, "nvme_optimizer", "none")
+    assert (disk.gpu["parameters"], disk.gpu["master_weights"], disk.gpu["optimizer_states"]) == (P * BF16, 0, 0)
+    assert disk.gpu["gradients"] <= P * BF16
+    assert disk.nvme == {"parameters": 0, "master_weights": master, "optimizer_states": moments}
+    on_host = (disk.host["parameters"], disk.host["master_weights"], disk.host["optimizer_states"])
+    assert on_host == (0, 0, 0) and disk.host["gradients"] == gradients
+    assert disk.host["staging"] == uploads + 2 * tile
+    # the same GPU side as the optimizer in host memory, at a higher relative cost
+    assert (disk.gpu, disk.peak_allocated) == (cpu.gpu, cpu.peak_allocated)
+    costs = [result.find(3, offload, "none").relative_cost
+             for offload in ("cpu_optimizer", "cpu_optimizer_params", "nvme_optimizer", "nvme")]  # fmt: skip
+    assert costs == sorted(costs) and len(set(costs)) == 4  # the disk is slower than host memory
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_optimizer_on_nvme_is_the_engines_plan(result, stage: int, tmp_path) -> None:
+    # the zero_optimization section of benchmarks/offload_step.py's zerokit-offload-nvme, at each stage
+    zero = Config.load({"zero_optimization": {"stage": stage, "offload_optimizer": {
+        "device": "nvme", "nvme_path": str(tmp_path)}}}).zero_optimization  # fmt: skip
+    model = build_on_meta(resolve_model("tests.test_profiler_estimate:hand_model"), torch.bfloat16)
+    plan = model_state_bytes(plan_units(model), ShardingPolicy.from_config(zero), torch.bfloat16, GPUS,
+                             offload=OffloadPolicy.from_config(zero))  # fmt: skip
+    row = result.find(stage, "nvme_optimizer", "none")
+    assert row.nvme == plan.offload.nvme
+    assert row.host == {**plan.offload.host, "activations": 0, "runtime": HOST_RUNTIME_BYTES}
+    # stage 3 keeps each sharded unit's bf16 shard on the GPU, the source of its all-gathers
+    parameters = STATES[stage][0] if stage < 3 else ROOT * BF16 + L * BLOCK // 2 * BF16
+    on_gpu = (row.gpu["parameters"], row.gpu["master_weights"], row.gpu["optimizer_states"])
+    assert on_gpu == (plan.parameters, plan.master_weights, plan.optimizer_states) == (parameters, 0, 0)
+
+
+def test_optimizer_on_nvme_with_parameters_in_host_memory_is_the_engines_plan(result, tmp_path) -> None:
+    # benchmarks/offload_step.py's zerokit-offload-nvme-cpu-params
+    zero = Config.load({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": str(
+        tmp_path)}, "offload_param": {"device": "cpu"}}}).zero_optimization  # fmt: skip
+    model = build_on_meta(resolve_model("tests.test_profiler_estimate:hand_model"), torch.bfloat16)
+    plan = model_state_bytes(plan_units(model), ShardingPolicy.from_config(zero), torch.bfloat16, GPUS,
+                             offload=OffloadPolicy.from_config(zero))  # fmt: skip
+    row = result.find(3, "nvme_optimizer_cpu_params", "none")
+    assert row.nvme == plan.offload.nvme and row.nvme["parameters"] == 0 and row.nvme["master_weights"] > 0
+    assert row.host == {**plan.offload.host, "activations": 0, "runtime": HOST_RUNTIME_BYTES}
+    assert row.host["parameters"] > 0
+    assert row.gpu["master_weights"] == row.gpu["optimizer_states"] == 0
+
 
 def test_unsupported_combinations(result) -> None:
     assert not result.find(0, "cpu_optimizer", "none").supported
+    assert not result.find(0, "nvme_optimizer", "memo").supported
     for stage in (0, 1, 2):
         assert not result.find(stage, "cpu_optimizer_params", "none").supported
         assert not result.find(stage, "nvme", "recompute").supported
-    assert len(result.configurations) == 4 * 4 * 4
+        assert not result.find(stage, "nvme_optimizer_cpu_params", "none").supported
+    for stage in (1, 2, 3):
+        assert result.find(stage, "nvme_optimizer", "none").supported
+    assert len(result.configurations) == 4 * 6 * 4
 
 
 def test_activation_policies_on_host(result) -> None:

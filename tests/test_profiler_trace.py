@@ -18,6 +18,7 @@ from zerokit.profiler.estimate import Hardware, Workload, estimate
 from zerokit.profiler.models import ModelSource, build_on_meta, training_loss
 from zerokit.profiler.trace import trace_step
 from zerokit.profiler.activations import block_activations
+from tests.saved_bytes import saved_bytes
 from zerokit.zero.units import plan_units
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
@@ -48,29 +49,6 @@ def _checkpoint_blocks(model: torch.nn.Module) -> None:
         model.checkpoint_blocks = True
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _saved_per_block(model: torch.nn.Module, tokens: torch.Tensor) -> list[int]:
-    blocks = [spec.module for spec in plan_units(model) if spec.name]
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    current: list = [None]
-    saved: dict[int, dict[int, int]] = {}
-    handles = []
-    for index, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(lambda m, a, i=index: current.__setitem__(0, i)))
-        handles.append(block.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if current[0] is not None and storage.data_ptr() not in params:
-            saved.setdefault(current[0], {})[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        training_loss(model, tokens)
-    for handle in handles:
-        handle.remove()
-    return [sum(saved[i].values()) for i in range(len(blocks))]
 
 
 def _step_peak(build, dtype: torch.dtype, tokens: torch.Tensor, checkpoint: bool) -> int:
@@ -107,7 +85,7 @@ def test_saved_bytes_per_block_match_the_cpu(name: str, tokens: torch.Tensor) ->
     meta = build_on_meta(ModelSource(name, build), dtype)
     traced = [block.saved for block in block_activations(trace_step(meta, plan_units(meta), BATCH, SEQ, "cpu"))]
     torch.manual_seed(0)
-    measured = _saved_per_block(build().to(dtype).train(), tokens)
+    measured = saved_bytes(build().to(dtype).train(), tokens)[0]
     # equal but for LayerNorm's mean and rstd: fp32 on meta (as on CUDA), the input dtype on CPU
     assert traced == pytest.approx(measured, rel=0.01)
     assert len(set(traced)) == 1 and traced[0] > 0

@@ -342,6 +342,21 @@ def test_layers_reading_one_input_share_one_sample():
     assert all(a is not b for a in first for b in second if a.dim() == 2 and a.shape[1] == 16)
 
 
+def test_only_the_layer_drawing_a_shared_sample_caches_norms():
+    state = znn.SamplingState()
+    q, k = (znn.WTACRSLinear(16, 8, sampling_state=state) for _ in range(2))
+    model = nn.ModuleList([q, k])
+    x, batch = torch.randn(2, 10, 16), torch.tensor([0, 1])
+    with znn.sample_indices(model, batch):
+        (q(x).sum() + k(x).sum()).backward()  # k reuses q's sample: its norms would never be read
+    assert state.cache.lookup(q.cache_slot, batch, 10) is not None
+    assert state.cache.lookup(k.cache_slot, batch, 10) is None
+    grad_out = torch.randn(2, 10, 8)
+    with znn.sample_indices(model, batch):
+        k(x).backward(grad_out)  # alone, k draws its own sample and caches its own norms
+    torch.testing.assert_close(state.cache.lookup(k.cache_slot, batch, 10), grad_out.norm(dim=-1), rtol=1e-2, atol=0)
+
+
 def test_shared_sample_is_unbiased_for_the_second_layer():
     torch.manual_seed(0)
     state = znn.SamplingState()

@@ -92,6 +92,13 @@ class OffloadOptimizerConfig:
     ratio: float = 1.0
     # zerokit: elements of one optimizer tile, the unit of CPU work, NVMe swapping and upload.
     tile_size: int = 1 << 23
+    # zerokit: step on a background thread, units in forward order, so the next forward starts
+    # at once and each unit waits only for its own parameters. Results are identical.
+    overlap_step: bool = True
+    # zerokit: ZeRO-Offload's one-step delayed parameter update from this optimizer step on
+    # (null: never). Forward and backward then run on the parameters of the step before while
+    # the CPU steps, hiding the CPU step; updates arrive one step late (not exact).
+    delayed_parameter_update_after: Optional[int] = None
 
     def __post_init__(self):
         _check_offload_device("offload_optimizer", self.device, self.nvme_path)
@@ -101,6 +108,9 @@ class OffloadOptimizerConfig:
                "1.0: partial optimizer offload is not implemented, remove the key")
         _check(self.tile_size >= 16, "zero_optimization.offload_optimizer.tile_size", self.tile_size,
                "an integer >= 16 (elements)")
+        after = self.delayed_parameter_update_after
+        _check(after is None or after >= 0, "zero_optimization.offload_optimizer.delayed_parameter_update_after",
+               after, "an optimizer step >= 0, or null for exact updates")
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,16 @@ class ZeroConfig:
                 f"zero_optimization.offload_param.device={self.offload_param.device!r} needs stage 3 (only stage 3 "
                 f"shards parameters), but zero_optimization.stage is {self.stage}: set the stage to 3 or remove "
                 "offload_param."
+            )
+        if self.offload_optimizer.delayed_parameter_update_after is not None and self.offload_param.device != "none":
+            raise ConfigError(
+                "zero_optimization.offload_optimizer.delayed_parameter_update_after needs the parameters on the "
+                f"device, but offload_param.device is {self.offload_param.device!r}: remove one of the two."
+            )
+        if self.offload_optimizer.delayed_parameter_update_after is not None and not self.offload_optimizer.overlap_step:
+            raise ConfigError(
+                "zero_optimization.offload_optimizer.delayed_parameter_update_after steps behind the next forward "
+                "and backward: set offload_optimizer.overlap_step true or remove delayed_parameter_update_after."
             )
         if self.offload_optimizer.device != "none" and self.stage == 0:
             raise ConfigError(

@@ -69,8 +69,6 @@ class Engine:
         check_fits(need, self.device, zero.stage, offload)
         check_offload_fits(need.offload, offload, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self._offload = OffloadResources(offload, need.offload, streams, self.rank) if offload.active else None
-        # Swap files go when the engine does (or at exit), whoever drops it.
-        self._close_offload = weakref.finalize(self, self._offload.close) if self._offload else None
         self._ctx = ShardingContext(
             device=self.device,
             compute_dtype=config.compute_dtype,
@@ -105,7 +103,17 @@ class Engine:
             self.optimizer = build_optimizer(config.optimizer, [{"params": list(pieces.values())}], where)
         # Under optimizer offload, `self.optimizer` keeps the param_groups (lr, schedulers,
         # checkpoints) and the CPU kernel steps: see zero/host_optimizer.py.
-        self._host_adam = OffloadedAdam(self.optimizer, self._groups) if offload.offloads_optimizer else None
+        self._host_adam = None
+        if offload.offloads_optimizer:
+            # Stepped in forward order: the root unit (embeddings, head) runs first. The NVMe
+            # parameter swapper is the training thread's alone, so that case steps on it too.
+            root = units[-1].trainable_groups()
+            ordered = root + [group for group in self._groups if group not in root]
+            overlap = offload.optimizer.overlap_step and offload.params.device != "nvme"
+            delay = offload.optimizer.delayed_parameter_update_after
+            self._host_adam = OffloadedAdam(self.optimizer, ordered, overlap, delay)
+        # The stepping thread finishes, then swap files go, when the engine does (or at exit).
+        self._close_offload = weakref.finalize(self, _close_offload, self._host_adam, self._offload) if self._offload else None
         self.lr_scheduler = build_scheduler(config.scheduler, self.optimizer) if config.scheduler else None
         self.loss_scaler = LossScaler(config.fp16) if config.fp16.enabled else None
         profiler.track_model_states(self._device_memory_breakdown)  # a no-op unless run under `zerokit profile`
@@ -131,6 +139,8 @@ class Engine:
             raise ValueError(f"engine.backward expects a scalar loss, got shape {tuple(loss.shape)}; reduce it first.")
         scale = (self.loss_scaler.scale if self.loss_scaler else 1.0) / self.config.accumulation_steps
         reduce = self._policy.reduce_every_backward or self.is_gradient_accumulation_boundary()
+        if self._host_adam is not None:
+            self._host_adam.before_backward()
         self._runtime.begin_backward(reduce=reduce)
         with profiler.phase("backward"), self._explain_oom("backward"):
             loss.backward(torch.full_like(loss, scale)) if scale != 1.0 else loss.backward()
@@ -185,7 +195,7 @@ class Engine:
             self.grad_norm, coefficient = self._clip_coefficient(grads, self.config.gradient_clipping, norms)
         if offloaded:
             with profiler.phase("offload"):
-                self._host_adam.step(None if coefficient is None else coefficient.item())
+                self._host_adam.step(None if coefficient is None else coefficient.item(), self.global_step)
             for group in self._groups:
                 group.release_grads()
         else:
@@ -266,6 +276,7 @@ class Engine:
         """The whole model's state_dict on CPU, on every rank: parameters from the fp32 masters
         (frozen ones in compute dtype) cast to `dtype` if given, buffers as they are. A collective:
         call it on all ranks."""
+        self.finish_optimizer_step()
         values: dict[int, torch.Tensor] = {}
         for unit in self._runtime.units:
             for group in unit.groups:
@@ -278,6 +289,13 @@ class Engine:
                 value = value.to(dtype)
             state[name] = value.cpu() if value.device.type != "cpu" else value.clone()
         return state
+
+    def finish_optimizer_step(self) -> None:
+        """Under optimizer offload the CPU steps in the background (and, with the delayed
+        parameter update, publishes at the next step): wait for it and make the parameters
+        current. Checkpoints and `full_state_dict` call it; so can code that reads states."""
+        if self._host_adam is not None:
+            self._host_adam.publish()
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -320,3 +338,9 @@ class Engine:
                 f"{error}\nzerokit: out of memory during {phase} on rank {self.rank}; model states held: {detail}. "
                 f"To fit: {'; '.join(advice)}."
             ) from error
+
+
+def _close_offload(host_adam: Optional[OffloadedAdam], offload: OffloadResources) -> None:
+    if host_adam is not None:
+        host_adam.close()
+    offload.close()

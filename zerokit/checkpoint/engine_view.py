@@ -65,6 +65,7 @@ class ParameterInfo:
 class EngineView:
     def __init__(self, engine):
         self.engine = engine
+        engine.finish_optimizer_step()  # states are read and written only between steps
         module: nn.Module = engine.module
         self.groups: list[FlatParamGroup] = [group for unit in engine._runtime.units for group in unit.groups]
         slot_of = {id(slot.param): (group, index) for group in self.groups for index, slot in enumerate(group.slots)}

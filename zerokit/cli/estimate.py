@@ -47,6 +47,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--attention-kernels", choices=("cuda", "cpu"), default="cuda",
         help="whose fused attention the trace mirrors (default cuda)",
     )  # fmt: skip
+    parser.add_argument(
+        "--wtacrs", type=float, metavar="KEEP",
+        help="estimate with WTA-CRS linear layers in the blocks (zerokit.nn.convert_to_wtacrs) keeping this "
+        "fraction of their input rows, in (0, 1]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--chunked-loss", type=int, metavar="TOKENS",
+        help="estimate with the loss computed over chunks of this many tokens (the Hugging Face causal LM wrapped "
+        "in zerokit.nn.ChunkedLossCausalLM): one chunk's logits at a time instead of the whole sequence's",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep-last", type=int, metavar="N",
+        help="blocks at the end that keep their activations under swap and memo (activation_memory.keep_last; "
+        "default 2)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--alpha", type=float, metavar="A",
+        help="memo's swapped fraction of tokens, in [0, 1] (activation_memory.alpha; default: planned from host "
+        "memory)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the versioned JSON document instead of tables")
     parser.set_defaults(run=run)
 
@@ -60,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
             host_memory=parse_size(args.host_memory),
             nvme=parse_size(args.nvme),
         )
-        workload = Workload(args.micro_batch, args.seq, DTYPES[args.dtype], args.attention_kernels)
+        workload = Workload(
+            args.micro_batch, args.seq, DTYPES[args.dtype], args.attention_kernels, args.wtacrs,
+            chunked_loss=args.chunked_loss, keep_last=args.keep_last, alpha=args.alpha,
+        )  # fmt: skip
         result = estimate(args.model, hardware, workload)
     except (ModelSourceError, ValueError) as error:
         print(f"zerokit estimate: {error}", file=sys.stderr)
@@ -73,10 +96,19 @@ def format_estimate(result: Estimate) -> str:
     hw, work = result.hardware, result.workload
     dtype = next(name for name, value in DTYPES.items() if value == work.dtype)
     nvme = f"NVMe {gib(hw.nvme)} GiB per node" if hw.nvme else "no NVMe"
+    options = []
+    if work.wtacrs_keep_ratio is not None:
+        options.append(f"WTA-CRS linear layers keeping {work.wtacrs_keep_ratio:g}")
+    if work.chunked_loss is not None:
+        options.append(f"loss over chunks of {work.chunked_loss} tokens")
+    if work.keep_last is not None:
+        options.append(f"swap and memo keep the last {work.keep_last} blocks")
+    if work.alpha is not None:
+        options.append(f"memo alpha {work.alpha:g}")
     lines = [
         f"{result.model}: {result.parameters / 1e9:.3f} B parameters ({result.trainable_parameters / 1e9:.3f} B "
         f"trainable), {len(result.blocks)} blocks, {result.units} sharding units; micro-batch {work.micro_batch} x "
-        f"{work.seq} tokens, {dtype}",
+        f"{work.seq} tokens, {', '.join([dtype, *options])}",
         f"hardware: {hw.nodes} node(s) x {hw.gpus_per_node} GPU(s) (world size {hw.world_size}), "
         f"{gib(hw.gpu_memory)} GiB per GPU, host {gib(hw.host_memory)} GiB per node, {nvme}",
     ]

@@ -20,31 +20,35 @@ class KeptRows(NamedTuple):
     weights: Tensor  # (kept,) float32
 
 
-# Half-precision rows are widened to float32 a slice at a time: a full float32 copy of a layer
-# input would cost twice the memory the sample saves.
+# Half-precision rows are widened to float32 for their norms and weighting. CUDA kernels widen
+# in registers, in one pass; CPU kernels widen into a temporary copy, so there rows go a slice at
+# a time: a full float32 copy of a layer input would cost twice the memory the sample saves.
 _WIDEN_ELEMENTS = 1 << 22
 
 
-def _slices(rows: Tensor) -> int:
+def _rows_per_slice(rows: Tensor) -> int:
+    if rows.device.type == "cuda" or torch.promote_types(rows.dtype, torch.float32) == rows.dtype:
+        return max(rows.shape[0], 1)
     return max(1, _WIDEN_ELEMENTS // max(rows.shape[1], 1))
 
 
 def row_norms(rows: Tensor) -> Tensor:
     """Per-row 2-norms in at least float32 (a half-precision norm would overflow or round)."""
     dtype = torch.promote_types(rows.dtype, torch.float32)
-    if rows.dtype == dtype or rows.shape[0] == 0:
+    step = _rows_per_slice(rows)
+    if rows.shape[0] <= step:
         return torch.linalg.vector_norm(rows, dim=1, dtype=dtype)
-    return torch.cat([torch.linalg.vector_norm(part, dim=1, dtype=dtype) for part in rows.split(_slices(rows))])
+    return torch.cat([torch.linalg.vector_norm(part, dim=1, dtype=dtype) for part in rows.split(step)])
 
 
 def weighted_rows(rows: Tensor, weights: Tensor) -> Tensor:
-    """rows · weights[:, None], multiplied in float32 and rounded once to the rows' dtype."""
-    if torch.promote_types(rows.dtype, torch.float32) == rows.dtype:
-        return rows * weights.to(rows.dtype).unsqueeze(1)
+    """rows · weights[:, None], multiplied in at least float32 and rounded once to the rows' dtype."""
     out = torch.empty_like(rows)
-    step = _slices(rows)
+    step = _rows_per_slice(rows)
+    if rows.shape[0] <= step:
+        return torch.mul(rows, weights.unsqueeze(1), out=out)
     for part, source, weight in zip(out.split(step), rows.split(step), weights.split(step)):
-        part.copy_(source.to(torch.float32) * weight.unsqueeze(1))
+        torch.mul(source, weight.unsqueeze(1), out=part)
     return out
 
 
@@ -59,7 +63,8 @@ def keep_rows(input: Tensor, keep_ratio: float, seed: int, grad_norms: Optional[
     if budget == rows.shape[0]:  # every row kept: the exact gradient, no sampling
         indices = torch.arange(budget, device=input.device)
         return KeptRows(rows, indices, torch.ones(budget, dtype=torch.float32, device=input.device))
-    generator = torch.Generator(device=input.device)
+    # The meta device has no generator; a CPU one draws meta tensors (shapes only) just as well.
+    generator = torch.Generator(device="cpu" if input.is_meta else input.device)
     generator.manual_seed(seed)
     mass = sampling_mass(row_norms(rows), grad_norms)
     indices, weights = sample_rows(mass, budget, generator)

@@ -22,7 +22,8 @@ def check_keep_ratio(keep_ratio: float) -> float:
 def _autocast_arguments(input: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """Cast as autocast casts nn.Linear's arguments (the function itself runs on one dtype)."""
     device_type = input.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Meta tensors (shape-only runs such as `zerokit estimate`) have no autocast state to ask.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return input, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
@@ -55,6 +56,7 @@ class WTACRSLinear(nn.Linear):
     passes the batch's sample indices (see sample_indices); a layer built directly gets its own.
     Layers of one SamplingState that read the same input tensor (q/k/v, gate/up projections)
     save one shared sample of it, drawn with the first one's probabilities: unbiased for each.
+    Only that first layer's ∇Z norms are cached (the others' would never be read).
     """
 
     def __init__(
@@ -101,15 +103,17 @@ class WTACRSLinear(nn.Linear):
         seed = state.draw_seed()
         if not torch.is_grad_enabled() or _saved_by_its_producer(input):
             return F.linear(input, weight, bias)
-        grad_norms = None
         batch = state.batch_for(self.cache_slot, input) if input.numel() else None
-        if batch is not None:
-            tokens = input.numel() // (input.shape[-1] * len(batch))
-            grad_norms = state.cached_grad_norms(self.cache_slot, batch, tokens, input.device)
         kept = state.shared_rows(given, self.keep_ratio, input.dtype)
         if kept is None:
+            grad_norms = None
+            if batch is not None:
+                tokens = input.numel() // (input.shape[-1] * len(batch))
+                grad_norms = state.cached_grad_norms(self.cache_slot, batch, tokens, input.device)
             kept = keep_rows(input, self.keep_ratio, seed, grad_norms)
             state.share_rows(given, self.keep_ratio, input.dtype, kept)
+        else:
+            batch = None  # its norms would never be read: the layer drawing the sample caches its own
         observe_backward = functools.partial(state.observe_backward, self.cache_slot, batch)
         return WTACRSLinearFunction.apply(input, weight, bias, kept, observe_backward)
 

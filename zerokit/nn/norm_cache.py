@@ -5,28 +5,62 @@ one value per token of that sample (the norms of its ∇Z rows from the last bac
 it). Values live on the CPU in bfloat16 (3 significant digits are plenty for a sampling weight,
 and bfloat16 has float32's range, so loss-scaled fp16 gradients do not overflow it).
 
-Memory, in host RAM: 2 bytes × tokens per sample × samples seen × WTA-CRS layers.
+Memory, in host RAM: 2 bytes × tokens per sample × samples seen × WTA-CRS layers that draw their
+own sample (of layers reading one input, such as q/k/v, only the first one caches norms).
 - ``dataset_size`` given: one preallocated (dataset_size × tokens) tensor per layer, created at
   that layer's first backward; every sample must then have the same number of tokens.
 - ``dataset_size`` None: a dict per layer from sample index to a tensor of that sample's tokens;
   it grows with the samples seen, plus about 600 bytes of bookkeeping per entry (measured:
   a tensor object and a dict slot), and allows samples of different lengths. Prefer
   ``dataset_size`` for large data sets.
-Example: fine-tuning on 400 k samples of 128 tokens with 7 linears × 12 blocks converted:
-2 × 128 × 4e5 × 84 ≈ 8.6 GB. For much larger data sets convert fewer layers or give no sample
-indices (then nothing is cached and p_i ∝ ‖H_i‖).
+Example: fine-tuning on 400 k samples of 128 tokens with 12 Llama-style blocks converted (7
+linears each, of which q, o, gate and down draw their own sample): 2 × 128 × 4e5 × 48 ≈ 4.9 GB.
+For much larger data sets convert fewer layers or give no sample indices (then nothing is cached
+and p_i ∝ ‖H_i‖).
 
 Writes from backward are staged and applied at the next batch boundary, so within one batch
 every read (a forward, and a checkpointed recomputation of it) sees the same values.
+
+[Note: no host synchronisation]
+Norms cross between host and device without making the host wait for the device's queue: a
+backward starts each copy to pinned host memory at once and records an event; the next batch
+boundary waits for those events only (the backward's kernels, not the optimizer step queued
+after them). Lookups go to the device from pinned memory, asynchronously.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 _STORE_DTYPE = torch.bfloat16
+
+
+class _StagedNorms(NamedTuple):
+    slot: int
+    indices: Tensor
+    norms: Tensor  # on the CPU in _STORE_DTYPE, written once ``copied`` has completed
+    copied: Optional[torch.cuda.Event]
+
+
+def _start_copy_to_host(norms: Tensor) -> tuple[Tensor, Optional[torch.cuda.Event]]:
+    """A host copy of ``norms`` in _STORE_DTYPE, and the event after which it is written (None: now)."""
+    norms = norms.detach().to(_STORE_DTYPE)
+    if not norms.is_cuda:
+        return norms.cpu(), None
+    host = torch.empty(norms.shape, dtype=_STORE_DTYPE, pin_memory=True)
+    host.copy_(norms, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(norms.device))
+    return host, copied
+
+
+def to_device(norms: Tensor, device: torch.device) -> Tensor:
+    """``norms`` (on the CPU) on ``device``, without waiting for the device's queue."""
+    if device.type != "cuda":
+        return norms.to(device)
+    return norms.pin_memory().to(device, non_blocking=True)  # pinned: the copy is asynchronous
 
 
 class GradNormCache:
@@ -38,7 +72,7 @@ class GradNormCache:
         self.dataset_size = dataset_size
         self._slot_count = 0
         self._stores: dict[int, Union[Tensor, dict[int, Tensor]]] = {}
-        self._staged: list[tuple[int, Tensor, Tensor]] = []
+        self._staged: list[_StagedNorms] = []
 
     def new_slot(self) -> int:
         """Reserve the storage key of one more layer."""
@@ -74,13 +108,16 @@ class GradNormCache:
 
     def record(self, slot: int, indices: Tensor, norms: Tensor) -> None:
         """Stage (len(indices), tokens) norms computed in backward; applied by commit()."""
-        self._staged.append((slot, indices, norms.detach()))
+        if norms.is_meta:  # shapes without values: nothing to remember
+            return
+        self._staged.append(_StagedNorms(slot, indices, *_start_copy_to_host(norms)))
 
     def commit(self) -> None:
         """Apply staged norms (called at batch boundaries)."""
         staged, self._staged = self._staged, []
-        for slot, indices, norms in staged:
-            norms = norms.to("cpu", _STORE_DTYPE)
+        for slot, indices, norms, copied in staged:
+            if copied is not None:
+                copied.synchronize()
             if self.dataset_size is None:
                 store = self._stores.setdefault(slot, {})
                 for index, row in zip(indices.tolist(), norms):

@@ -63,12 +63,13 @@ def sampling_mass(input_norms: Tensor, grad_norms: Optional[Tensor]) -> Tensor:
     """
     mass = input_norms.to(torch.float64)
     if grad_norms is not None:
-        grad = grad_norms.to(torch.float64)
-        usable = torch.isfinite(grad) & (grad > 0)
+        # Unusable norms become 0, so "usable" is just "> 0" and they add nothing to the mean.
+        grad = torch.nan_to_num(grad_norms.to(torch.float64), nan=0.0, posinf=0.0).clamp_(min=0.0)
+        usable = grad > 0
         count = usable.sum()
-        typical = torch.where(count > 0, torch.where(usable, grad, 0.0).sum() / count.clamp(min=1), 1.0)
+        typical = torch.where(count > 0, grad.sum() / count.clamp(min=1), 1.0)
         mass = mass * torch.where(usable, grad, typical)
-    return torch.where(torch.isfinite(mass), mass, _NONFINITE_ROW_MASS)
+    return torch.nan_to_num(mass, nan=_NONFINITE_ROW_MASS, posinf=_NONFINITE_ROW_MASS, neginf=_NONFINITE_ROW_MASS)
 
 
 def sample_rows(mass: Tensor, k: int, generator: Optional[torch.Generator] = None) -> RowSample:
@@ -82,23 +83,20 @@ def sample_rows(mass: Tensor, k: int, generator: Optional[torch.Generator] = Non
         raise ValueError(f"sample_rows needs a 1-D mass and 1 <= k <= len(mass); got shape {tuple(mass.shape)}, k={k}")
     device = mass.device
     mass = mass.to(torch.float64)
-    positive = mass > 0
-    positive_rows = positive.sum()
+    positive_rows = (mass > 0).sum()
 
     top_mass, top_rows = torch.topk(mass, k, sorted=True)
-    total = mass.sum()
-    mass_before = torch.cumsum(top_mass, 0) - top_mass  # q_c for c = 0 … k−1
-    choices = torch.arange(k, device=device)
-    best_winners = torch.argmin((total - mass_before) / (k - choices))
+    mass_before = torch.cumsum(top_mass, 0).sub_(top_mass)  # q_c for c = 0 … k−1
+    slots_left = torch.arange(k, 0, -1, device=device)  # k − c
+    best_winners = torch.argmin((mass.sum() - mass_before) / slots_left)
     # At most k rows with positive mass: keep them all, nothing is left to sample (exact).
     winners = torch.where(positive_rows <= k, positive_rows, best_winners)
 
-    is_winner = torch.zeros(n, dtype=torch.bool, device=device)
-    is_winner[top_rows] = choices < winners
-    rest_mass = mass.masked_fill(is_winner, 0.0)
+    is_winner_slot = torch.arange(k, device=device) < winners
+    # The winners' mass zeroed in place of a full-length mask: the top rows are distinct.
+    rest_mass = mass.scatter(0, top_rows, top_mass.masked_fill(is_winner_slot, 0.0))
     cdf = torch.cumsum(rest_mass, 0)
     rest_total = cdf[-1]
-    draws_wanted = k - winners
 
     # Inverse-CDF draws below P_R: a zero-mass row has an empty interval and is never drawn.
     uniforms = torch.rand(k, dtype=torch.float64, device=device, generator=generator)
@@ -108,9 +106,9 @@ def sample_rows(mass: Tensor, k: int, generator: Optional[torch.Generator] = Non
     # k slots, no data-dependent size (so no host synchronisation): slot c < |C| holds the c-th
     # winner, the others one draw each, weighted P_R / (k_s p_j); with nothing left to draw
     # (P_R = 0) the spare slots carry weight 0.
-    is_winner_slot = choices < winners
-    draw_weight = rest_total / (draws_wanted.clamp(min=1) * mass.index_select(0, drawn))
+    draws_wanted = (k - winners).clamp_(min=1)
+    draw_weight = rest_total / (draws_wanted * mass.index_select(0, drawn))
     draw_weight = torch.where(rest_total > 0, draw_weight, 0.0)
     indices = torch.where(is_winner_slot, top_rows, drawn)
-    weights = torch.where(is_winner_slot, 1.0, draw_weight)
+    weights = draw_weight.masked_fill_(is_winner_slot, 1.0)
     return RowSample(indices, weights.to(torch.float32))

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from zerokit.nn.function import KeptRows, row_norms
-from zerokit.nn.norm_cache import GradNormCache
+from zerokit.nn.norm_cache import GradNormCache, to_device
 
 logger = logging.getLogger("zerokit")
 
@@ -97,7 +97,7 @@ class SamplingState:
         key = (slot, tokens, device)
         if key not in self._lookups:
             norms = self.cache.lookup(slot, indices, tokens)
-            self._lookups[key] = None if norms is None else norms.reshape(-1).to(device)
+            self._lookups[key] = None if norms is None else to_device(norms.reshape(-1), device)
         return self._lookups[key]
 
     def observe_backward(self, slot: int, indices: Optional[Tensor], grad_rows: Tensor) -> None:

@@ -10,12 +10,16 @@ intervals taken out (or put in) per block b, over the trace's event indices:
   its backward start briefly adds what that forward allocates beyond the private storages
   (transients and its output), at their peak.
 - swap (every block's saved storages copied to host memory): the storages only block b saved
-  leave the GPU once block b+1's forward ends (the copy overlaps it) and come back, before
-  block b+1's backward (prefetch), into one of two restore buffers that live through the whole
-  step, each the size of the largest swapped block; the last two blocks keep theirs.
+  are copied during its forward and leave the GPU when block b+2's forward starts (the runtime
+  waits for a block's copies there), or, for the last two blocks, when backward starts; they
+  come back, before block b+1's backward (prefetch), into one of two restore buffers that live
+  through the whole step (from one iteration to the next), each the size of the largest
+  swapped block's restore; the last `keep_last` blocks (default KEEP_LAST) keep theirs.
 - memo (MEMO): as swap; the block input and attention outputs go to host memory whole, a
   fraction alpha of the other tokens too, and the rest is recomputed into the restore buffer
-  before the block's backward (the transient above, once more).
+  before the block's backward (the transient above, once more). The block input stays on the
+  GPU until its copy has been waited for, as the saved storages do, even where the model
+  itself would have dropped it earlier, and comes back into the restore buffer with them.
 
 Storages saved outside blocks (embedding, head, loss) and shared by several blocks (rotary
 tables) stay under every policy.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Optional
 
 from planner import SwapInputs, swap_fraction
 from zerokit.profiler.trace import BlockMarks, SavedStorage, StepTrace
@@ -84,10 +89,14 @@ def _rerun_transient(activations: list[int], marks: BlockMarks, private: list[Sa
     return peak
 
 
-def gpu_timeline(trace: StepTrace, blocks: list[BlockActivations], policy: str) -> tuple[int, ...]:
+def gpu_timeline(
+    trace: StepTrace, blocks: list[BlockActivations], policy: str, keep_last: int = KEEP_LAST
+) -> tuple[int, ...]:
     """Activation bytes on the GPU after each trace event under `policy` (parameter gradients
-    excluded); `blocks` is `block_activations(trace)`."""
+    excluded); `blocks` is `block_activations(trace)`; swap and memo leave the last `keep_last`
+    blocks' activations where they are."""
     _check_policy(policy)
+    _check_keep_last(keep_last)
     marks = trace.blocks
     change = [0] * (trace.events + 1)
 
@@ -106,38 +115,62 @@ def gpu_timeline(trace: StepTrace, blocks: list[BlockActivations], policy: str) 
                 add(marks[b].forward_end, backward_end(b), block.inputs)
             add(marks[b].backward_start, marks[b].backward_start + 1, block.recompute_transient)
     elif policy in ("swap", "memo"):
-        swapped = _swapped(len(blocks), policy)
+        swapped = _swapped(len(blocks), policy, keep_last)
         for b in swapped:
-            add(marks[b + 1].forward_end, backward_end(b), -blocks[b].swappable)
+            offloaded = marks[b + 2].forward_start if b + 2 < len(marks) else marks[-1].backward_start
+            add(offloaded, backward_end(b), -blocks[b].swappable)
             if policy == "memo":
+                if not blocks[b].inputs_saved:
+                    add(marks[b].input_freed, offloaded, blocks[b].inputs)
                 add(marks[b].backward_start, marks[b].backward_start + 1, blocks[b].recompute_transient)
         if swapped:
-            add(0, trace.events, RESTORE_BUFFERS * max(blocks[b].swappable for b in swapped))
+            add(0, trace.events, RESTORE_BUFFERS * max(_restored(blocks[b], policy) for b in swapped))
     adjust = accumulate(change[:-1])
     return tuple(a - g + d for a, g, d in zip(trace.live, trace.param_grads, adjust))
 
 
-def host_bytes(blocks: list[BlockActivations], policy: str, host_bytes_per_rank: float) -> tuple[int, float]:
-    """(bytes of activations in pinned host memory, alpha) under `policy`. alpha is memo's swapped
-    fraction of the other activations, bounded here by `host_bytes_per_rank` only (the link's
-    bandwidth may bound it further: this is the host-memory worst case); 1 for swap, else 0."""
+def _restored(block: BlockActivations, policy: str) -> int:
+    """Bytes a swapped block restores into its buffer: what it saved, and under memo its input
+    (which its recomputation starts from) where it did not save it itself."""
+    return block.swappable + (block.inputs if policy == "memo" and not block.inputs_saved else 0)
+
+
+def host_bytes(
+    blocks: list[BlockActivations],
+    policy: str,
+    host_bytes_per_rank: float,
+    keep_last: int = KEEP_LAST,
+    alpha: Optional[float] = None,
+) -> tuple[int, float]:
+    """(bytes of activations in pinned host memory, alpha) under `policy`, the last `keep_last`
+    blocks kept on the GPU. alpha is memo's swapped fraction of the other activations: the given
+    one, as the runtime takes a configured alpha, else planned here with `host_bytes_per_rank`
+    as the only bound (the link's bandwidth may bound it further: this is the host-memory worst
+    case); 1 for swap, else 0."""
     _check_policy(policy)
-    swapped = list(_swapped(len(blocks), policy))
+    _check_keep_last(keep_last)
+    swapped = list(_swapped(len(blocks), policy, keep_last))
     if policy == "swap":
         return sum(blocks[b].swappable for b in swapped), 1.0
     if policy != "memo" or not swapped:
         return 0, 0.0
-    alpha = _memo_alpha(blocks, len(swapped), host_bytes_per_rank)
+    if alpha is None:
+        alpha = _memo_alpha(blocks, len(swapped), host_bytes_per_rank)
     return int(sum(blocks[b].inputs + blocks[b].attention + alpha * blocks[b].other for b in swapped)), alpha
 
 
-def _swapped(count: int, policy: str) -> range:
-    return range(max(count - KEEP_LAST, 0)) if policy in ("swap", "memo") else range(0)
+def _swapped(count: int, policy: str, keep_last: int) -> range:
+    return range(max(count - keep_last, 0)) if policy in ("swap", "memo") else range(0)
 
 
 def _check_policy(policy: str) -> None:
     if policy not in POLICIES:
         raise ValueError(f"activation policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+
+
+def _check_keep_last(keep_last: int) -> None:
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+        raise ValueError(f"keep_last must be an integer >= 0 (blocks that keep their activations), got {keep_last!r}")
 
 
 def _memo_alpha(blocks: list[BlockActivations], swapped_layers: int, host_bytes_per_rank: float) -> float:
@@ -149,6 +182,6 @@ def _memo_alpha(blocks: list[BlockActivations], swapped_layers: int, host_bytes_
         attention_bytes=largest.attention,
         other_bytes=largest.other,
         host_memory_bytes=max(host_bytes_per_rank, 0.0),
-        num_layers=swapped_layers + KEEP_LAST,
+        num_layers=swapped_layers + 2,  # swap_fraction counts all but the last two as swapped
     )
     return swap_fraction(inputs).alpha

@@ -1,8 +1,15 @@
 """Per-rank memory of every ZeRO stage x offload x activation policy, before any GPU is rented.
 
 The model is built on the meta device and one training step is traced there (trace.py): that
-gives activations, their gradients and the transient parameter gradients event by event. Model
-states come from the arithmetic the engine itself checks with (zero/memory.py). For each
+gives activations, their gradients and the transient parameter gradients event by event. With
+WTA-CRS (Workload.wtacrs_keep_ratio) the traced model is first converted by
+zerokit.nn.convert_to_wtacrs, as the engine converts it, so the trace sees the sampled rows,
+indices and weights those layers save instead of their whole inputs. With a chunked loss
+(Workload.chunked_loss) the traced model is wrapped in zerokit.nn.ChunkedLossCausalLM, as a
+training script wraps it, so the trace sees one chunk's logits (recomputed in backward, with
+their gradient) instead of the whole sequence's. The memo and swap rows follow the runtime's
+activation_memory keys keep_last and alpha (Workload.keep_last, Workload.alpha) where given.
+Model states come from the arithmetic the engine itself checks with (zero/memory.py). For each
 configuration the GPU peak is the largest sum, over the step's events, of
 
     states kept on the GPU + gradient shards reduced so far + activations of the policy
@@ -21,26 +28,43 @@ visible in `--json` under "assumptions":
   HOST_RUNTIME_BYTES of host memory per rank (Python, torch and CUDA libraries);
 - offload (ZeRO-Offload / ZeRO-Infinity placement, with the engine's default offload settings):
   "cpu_optimizer" keeps fp32 masters, moments and reduced gradients in host memory (stage >= 1);
-  "cpu_optimizer_params" also the parameter shards (stage 3); "nvme" puts masters, moments and
-  parameter shards on NVMe with the gradients in host memory (stage 3, max_in_cpu 0). Host, NVMe
-  and staging bytes are the engine's own plan (zero/memory.py), byte for byte;
+  "cpu_optimizer_params" also the parameter shards (stage 3); "nvme_optimizer" puts masters and
+  moments in swap files on NVMe with the reduced gradients in host memory (stage >= 1);
+  "nvme_optimizer_cpu_params" also the parameter shards, in host memory (stage 3);
+  "nvme" puts masters, moments and parameter shards on NVMe with the gradients in host memory
+  (stage 3, max_in_cpu 0). Host, NVMe and staging bytes are the engine's own plan
+  (zero/memory.py), byte for byte;
+- swap and memo: the steady state, with the two restore buffers kept from the iteration before
+  (memo's first step only plans, its second reserves them in backward; activations.py).
 
 The fastest configuration that fits is the one with the least relative cost, the product of
 per-choice step-time factors (COSTS) from measured step times of ZeRO/FSDP systems on H100s:
 ZeRO-3 vs ZeRO-1/2 1.3x, full activation recomputation 1.25-1.33x, save_on_cpu-style swapping
-5x, CPU offload of the optimizer 1.7x and of parameters too 5.8x. MEMO (1.1x) and NVMe (12x) are
-assumptions. Ties go to the smaller GPU peak.
+5x, CPU offload of the optimizer 1.7x and of parameters too 5.8x. MEMO (1.1x), the optimizer on
+NVMe (10x, 11x with the parameters in host memory) and everything on NVMe (12x) are assumptions: NVMe steps are bound by the disk, which
+reads and writes the fp32 masters and moments every step; parameters on NVMe add reads in forward
+and backward, so that placement ranks after the optimizer alone. Ties go to the smaller GPU peak.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from itertools import accumulate
+from numbers import Real
 from typing import Mapping, Optional
 
 import torch
 
 from zerokit.config import OffloadOptimizerConfig, OffloadParamConfig, ZeroConfig
-from zerokit.profiler.activations import POLICIES, BlockActivations, block_activations, gpu_timeline, host_bytes
+from zerokit.nn import ChunkedLossCausalLM, convert_to_wtacrs
+from zerokit.profiler.activations import (
+    KEEP_LAST,
+    POLICIES,
+    BlockActivations,
+    block_activations,
+    gpu_timeline,
+    host_bytes,
+)
 from zerokit.profiler.attention import TARGETS, Target
 from zerokit.profiler.models import ModelSource, build_on_meta, resolve_model
 from zerokit.profiler.trace import OUTSIDE, StepTrace, trace_step
@@ -50,7 +74,7 @@ from zerokit.zero.units import plan_units
 
 SCHEMA = "zerokit.estimate/1"
 STAGES = (0, 1, 2, 3)
-OFFLOADS = ("none", "cpu_optimizer", "cpu_optimizer_params", "nvme")
+OFFLOADS = ("none", "cpu_optimizer", "cpu_optimizer_params", "nvme_optimizer", "nvme_optimizer_cpu_params", "nvme")
 GPU_CATEGORIES = (
     "parameters", "master_weights", "gradients", "optimizer_states", "activations", "communication",
     "allocator_overhead", "runtime",
@@ -70,12 +94,16 @@ OFFLOAD_POLICIES = {
     "none": OffloadPolicy(),
     "cpu_optimizer": OffloadPolicy(OffloadOptimizerConfig(device="cpu")),
     "cpu_optimizer_params": OffloadPolicy(OffloadOptimizerConfig(device="cpu"), OffloadParamConfig(device="cpu")),
+    "nvme_optimizer": OffloadPolicy(OffloadOptimizerConfig(device="nvme", nvme_path=_NVME)),
+    "nvme_optimizer_cpu_params": OffloadPolicy(OffloadOptimizerConfig(device="nvme", nvme_path=_NVME),
+                                               OffloadParamConfig(device="cpu")),
     "nvme": OffloadPolicy(OffloadOptimizerConfig(device="nvme", nvme_path=_NVME),
                           OffloadParamConfig(device="nvme", nvme_path=_NVME, max_in_cpu=0)),
 }  # fmt: skip
 COSTS = {
     "stage": {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.3},
-    "offload": {"none": 1.0, "cpu_optimizer": 1.7, "cpu_optimizer_params": 5.8, "nvme": 12.0},
+    "offload": {"none": 1.0, "cpu_optimizer": 1.7, "cpu_optimizer_params": 5.8, "nvme_optimizer": 10.0,
+                "nvme_optimizer_cpu_params": 11.0, "nvme": 12.0},
     "activations": {"none": 1.0, "memo": 1.1, "recompute": 1.33, "swap": 5.0},
 }
 
@@ -108,6 +136,14 @@ class Workload:
     seq: int
     dtype: torch.dtype = torch.bfloat16
     attention: Target = "cuda"  # whose fused attention kernels the trace mirrors
+    # WTA-CRS: the block linear layers keep this fraction of their input rows (None: exact layers)
+    wtacrs_keep_ratio: Optional[float] = None
+    # tokens per chunk of a ChunkedLossCausalLM loss (None: the model computes its own loss)
+    chunked_loss: Optional[int] = None
+    # activation_memory's keep_last and alpha for the swap and memo rows (None: the runtime's defaults,
+    # KEEP_LAST blocks kept and alpha planned)
+    keep_last: Optional[int] = None
+    alpha: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.seq < 1:
@@ -116,6 +152,39 @@ class Workload:
             raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES.values()))}, got {self.dtype}")
         if self.attention not in TARGETS:
             raise ValueError(f"attention must be one of {', '.join(TARGETS)}, got {self.attention!r}")
+        keep = self.wtacrs_keep_ratio
+        if keep is not None:
+            if isinstance(keep, bool) or not isinstance(keep, Real) or not 0 < keep <= 1:
+                raise ValueError(
+                    f"wtacrs_keep_ratio (--wtacrs) must be a number in (0, 1], the fraction of input rows the "
+                    f"WTA-CRS layers keep (e.g. 0.3), or None (no --wtacrs) for exact linear layers; got {keep!r}"
+                )
+            object.__setattr__(self, "wtacrs_keep_ratio", float(keep))
+        chunk = self.chunked_loss
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(
+                f"chunked_loss (--chunked-loss) must be a whole number of tokens per chunk >= 1 (e.g. 8192), or None "
+                f"(no --chunked-loss) for the model's own loss; got {chunk!r}"
+            )
+        keep_last = self.keep_last
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0):
+            raise ValueError(
+                f"keep_last (--keep-last) must be a whole number of blocks >= 0 that keep their activations under "
+                f"swap and memo, or None (no --keep-last) for the default {KEEP_LAST}; got {keep_last!r}"
+            )
+        alpha = self.alpha
+        if alpha is not None:
+            if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0 <= alpha <= 1:
+                raise ValueError(
+                    f"alpha (--alpha) must be a number in [0, 1], memo's swapped fraction of tokens, or None (no "
+                    f"--alpha) to plan it; got {alpha!r}"
+                )
+            object.__setattr__(self, "alpha", float(alpha))
+
+    @property
+    def blocks_kept(self) -> int:
+        """Blocks that keep their activations under swap and memo."""
+        return KEEP_LAST if self.keep_last is None else self.keep_last
 
 
 @dataclass(frozen=True)
@@ -203,6 +272,10 @@ class Estimate:
                 "seq": self.workload.seq,
                 "dtype": dtype_name,
                 "attention_kernels": self.workload.attention,
+                "wtacrs_keep_ratio": self.workload.wtacrs_keep_ratio,
+                "chunked_loss_tokens": self.workload.chunked_loss,
+                "keep_last": self.workload.keep_last,
+                "alpha": self.workload.alpha,
             },
             "hardware": {
                 "nodes": self.hardware.nodes,
@@ -254,11 +327,20 @@ def estimate(model: ModelSource | str, hardware: Hardware, workload: Workload) -
 
 def estimate_module(model: torch.nn.Module, name: str, hardware: Hardware, workload: Workload) -> Estimate:
     """Estimate every configuration of a model already on the meta device (parameters in the
-    workload's dtype, training mode). Runs one step of it on meta."""
+    workload's dtype, training mode). Runs one step of it on meta; with
+    `workload.wtacrs_keep_ratio`, one step of a WTA-CRS copy of it (`model` is left as it is);
+    with `workload.chunked_loss`, of it wrapped in a ChunkedLossCausalLM."""
+    if workload.wtacrs_keep_ratio is not None:
+        model = copy.deepcopy(model)
+        convert_to_wtacrs(model, keep_ratio=workload.wtacrs_keep_ratio)
+    if workload.chunked_loss is not None:
+        model = _with_chunked_loss(model, name, workload.chunked_loss)
     specs = plan_units(model)
-    trace = trace_step(model, specs, workload.micro_batch, workload.seq, workload.attention)
+    with torch.random.fork_rng(devices=[]):  # WTA-CRS layers draw their seeds from the global generator
+        trace = trace_step(model, specs, workload.micro_batch, workload.seq, workload.attention)
     blocks = block_activations(trace)
-    step = _Step(trace, blocks, {policy: gpu_timeline(trace, blocks, policy) for policy in POLICIES})
+    timelines = {policy: gpu_timeline(trace, blocks, policy, workload.blocks_kept) for policy in POLICIES}
+    step = _Step(trace, blocks, timelines, workload.blocks_kept, workload.alpha)
     configurations = []
     for stage in STAGES:
         policy = ShardingPolicy.from_config(ZeroConfig(stage=stage))
@@ -288,10 +370,26 @@ def estimate_module(model: torch.nn.Module, name: str, hardware: Hardware, workl
     )
 
 
+def _with_chunked_loss(model: torch.nn.Module, name: str, chunk_tokens: int) -> ChunkedLossCausalLM:
+    """`model` wrapped as a training script wraps it for a chunked loss."""
+    if isinstance(model, ChunkedLossCausalLM):
+        raise ValueError(f"{name} already computes a chunked loss (a ChunkedLossCausalLM): leave out --chunked-loss")
+    decoder = getattr(model, "get_decoder", None)
+    head = getattr(model, "get_output_embeddings", None)
+    if not callable(decoder) or not callable(head) or head() is None:
+        raise ValueError(
+            f"chunked_loss (--chunked-loss) wraps a Hugging Face causal LM (one with get_decoder() and an output "
+            f"head, get_output_embeddings()) in zerokit.nn.ChunkedLossCausalLM; {name} "
+            f"({type(model).__name__}) is not one: leave out --chunked-loss, or compute the chunked loss in the "
+            "model's own forward(tokens, targets)"
+        )
+    return ChunkedLossCausalLM(model, chunk_tokens)
+
+
 def _unsupported_reason(stage: int, offload: str) -> str:
-    if offload == "cpu_optimizer" and stage == 0:
+    if offload in ("cpu_optimizer", "nvme_optimizer") and stage == 0:
         return "offloading the optimizer needs sharded optimizer states: stage 1 or higher"
-    if offload in ("cpu_optimizer_params", "nvme") and stage < 3:
+    if offload in ("cpu_optimizer_params", "nvme_optimizer_cpu_params", "nvme") and stage < 3:
         return f"{offload} offloads parameter shards, which exist only under stage 3"
     return ""
 
@@ -303,6 +401,8 @@ class _Step:
     trace: StepTrace
     blocks: list[BlockActivations]
     activations: dict[str, tuple[int, ...]]  # GPU timeline per activation policy
+    keep_last: int  # blocks that keep their activations under swap and memo
+    alpha: Optional[float]  # memo's, given; None plans it
 
 
 @dataclass(frozen=True)
@@ -350,7 +450,7 @@ def _configuration(
     place = _placement(stage, offload, states)
     host_without_activations = sum(place.host.values()) + HOST_RUNTIME_BYTES
     room = hardware.host_memory / hardware.gpus_per_node - host_without_activations
-    host_activations, alpha = host_bytes(step.blocks, activations, room)
+    host_activations, alpha = host_bytes(step.blocks, activations, room, step.keep_last, step.alpha)
     trace, on_gpu = step.trace, step.activations[activations]
     shards = gradients if place.gradients_on_gpu else [0] * trace.events
     totals = [a + p + g + r for a, p, g, r in zip(on_gpu, trace.param_grads, shards, reductions)]

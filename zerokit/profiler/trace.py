@@ -56,6 +56,7 @@ class BlockMarks:
     backward_start: int
     input_bytes: int  # inputs that require grad (the hidden states), allocated before the block
     input_saved: bool  # whether the block's own backward keeps them (else they die with the forward)
+    input_freed: int  # event at which the last of them is freed (the trace's length if never)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class _Storage:
     attention: bool
     saved_by: set[int] = field(default_factory=set)
     param_grad: bool = False
+    freed_at: Optional[int] = None
 
 
 class _Recorder(TorchDispatchMode):
@@ -134,6 +136,7 @@ class _Recorder(TorchDispatchMode):
             entry = self.alive.pop(key, None)
             if entry is not None:
                 self._event(-entry.nbytes, -entry.nbytes if entry.param_grad else 0)
+                entry.freed_at = self.now
 
     def _event(self, delta: int, param_grad_delta: int) -> None:
         self.live.append(self.live[-1] + delta)
@@ -235,8 +238,9 @@ def trace_step(
     for index, _ in enumerate(blocks):
         if index not in starts:
             raise RuntimeError(f"block {index} ({type(blocks[index]).__name__}) did not run in the forward")
+    events = len(recorder.live)
     marks = tuple(
-        BlockMarks(starts[i], ends[i], backward_starts.get(i, backward_start), *_input_facts(inputs[i], i))
+        BlockMarks(starts[i], ends[i], backward_starts.get(i, backward_start), *_input_facts(inputs[i], i, events))
         for i in range(len(blocks))
     )
     saved = tuple(
@@ -246,9 +250,10 @@ def trace_step(
     return StepTrace(tuple(recorder.live), tuple(recorder.param_grads), backward_start, marks, tuple(reduced), saved)
 
 
-def _input_facts(inputs: list[tuple[int, Optional[_Storage]]], block: int) -> tuple[int, bool]:
+def _input_facts(inputs: list[tuple[int, Optional[_Storage]]], block: int, events: int) -> tuple[int, bool, int]:
     saved = any(entry is not None and block in entry.saved_by for _, entry in inputs)
-    return sum(nbytes for nbytes, _ in inputs), saved
+    freed = [events if entry is None or entry.freed_at is None else entry.freed_at for _, entry in inputs]
+    return sum(nbytes for nbytes, _ in inputs), saved, max(freed, default=events)
 
 
 def _mirror_gradient_release(specs, recorder: _Recorder, reduced: list, handles: list) -> None:

@@ -38,7 +38,8 @@ from torch import nn
 
 from offload.copy_engine import CopyHandle
 from zerokit.zero.collectives import Collectives
-from zerokit.zero.host_optimizer import DeviceUpload, HostShardWrite, write_tiles
+from zerokit.zero.host_optimizer import GroupUpdate, write_tiles
+from zerokit.zero.param_sinks import DeviceUpload, HostShardWrite, Sink, StagedUpload
 from zerokit.zero.streams import StreamSet
 
 if TYPE_CHECKING:
@@ -152,6 +153,9 @@ class FlatParamGroup:
             self._frozen_shard = own.clone()
         if offload_params:
             self.host_params = offload.param_shard(f"{key}/parameters", own)
+        self.pending_update: Optional[GroupUpdate] = None  # an overlapped step's, until published
+        delays = offload_optimizer and offload.policy.optimizer.delayed_parameter_update_after is not None
+        self._staged = StagedUpload(shard_numel, compute, offload) if delays else None
         for slot in slots:
             alias = torch.empty(0, dtype=compute, device=ctx.device).set_(
                 self.full.untyped_storage(), slot.offset, slot.param.shape
@@ -177,6 +181,7 @@ class FlatParamGroup:
 
     def gather(self) -> None:
         """Queue the all-gather that makes the full parameters valid (no-op unless sharded)."""
+        self.publish_update(on_use=True)
         if self.state is not GroupState.SHARDED:
             return
         streams = self.ctx.streams
@@ -197,10 +202,12 @@ class FlatParamGroup:
 
     def read_ahead(self) -> None:
         """Start reading an NVMe-offloaded shard into host memory before it is gathered."""
+        self.publish_update(on_use=True)
         if self.host_params is not None and self.state is GroupState.SHARDED:
             self.host_params.read_ahead()
 
     def wait_gathered(self) -> None:
+        self.publish_update(on_use=True)
         if self.state is GroupState.GATHERING:
             self.ctx.streams.wait(self._gathered_event)
             self._gathered_event = None
@@ -257,14 +264,24 @@ class FlatParamGroup:
 
     # -- optimizer offload: the updated shard ----------------------------------------------------
 
-    def open_update(self) -> "DeviceUpload | HostShardWrite":
-        """Where the offloaded optimizer writes this group's updated parameters, tile by tile."""
+    def open_update(self, delayed: bool = False) -> Sink:
+        """Where the offloaded optimizer writes this group's updated parameters, tile by tile;
+        `delayed`: held on the host until published (delayed parameter update)."""
         if self.host_params is not None:
             return HostShardWrite(self.host_params)
-        if self.param_shard is not None:
-            return DeviceUpload(self.param_shard, self.ctx.offload)
         start, stop = self._shard_range
-        return DeviceUpload(self.full[start:stop], self.ctx.offload)
+        target = self.param_shard if self.param_shard is not None else self.full[start:stop]
+        return self._staged.open(target) if delayed else DeviceUpload(target, self.ctx.offload)
+
+    def publish_update(self, on_use: bool = False) -> None:
+        """Make the parameters of an optimizer step that ran on the stepping thread current:
+        wait for the group's last tile, then upload (if delayed) and gather. `on_use`: called
+        because the parameters are about to be used, which publishes all but delayed updates."""
+        update = self.pending_update
+        if update is None or (on_use and update.delayed):
+            return
+        self.pending_update = None
+        self.finish_update(update.written.result().publish())
 
     def finish_update(self, uploaded: Optional[CopyHandle]) -> None:
         """All tiles are written (and uploaded, the last upload completing with `uploaded`)."""
@@ -454,7 +471,9 @@ class FlatParamGroup:
         if not self.keep_gathered:
             self.reshard()
         if self.host_optimizer is not None:
-            write_tiles([self], [{}], None)  # the masters, cast, to wherever the parameters live
+            update = GroupUpdate(self, {}, None)  # the masters, cast, to wherever the parameters live
+            write_tiles([update], None)
+            self.finish_update(update.written.result().publish())
             return
         if self.host_params is not None:
             if self.trainable:

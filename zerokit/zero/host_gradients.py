@@ -10,6 +10,9 @@ buffers and are added on the host, in the order they were reduced, with the same
 Gradients travel in fp32 (not compute dtype): accumulation, clipping and the optimizer then see
 the very values the engine sees without offload, at twice the bytes of bf16 per copy, copies
 that overlap the backward.
+
+Under the delayed parameter update the CPU steps with one window's gradients while the next
+window's arrive: `rotate` hands the shard to the step and receives into a second one.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class HostGradients:
         self.resources = resources
         self.buffer = resources.host_tensor(numel, torch.float32, "gradients", resources.pin_optimizer,
                                             "gradient shard")  # fmt: skip
+        self._spare: Optional[torch.Tensor] = None  # the second shard, allocated by the first rotation
         self.reductions = 0  # reductions of the current accumulation window sent here
         # The shard's 2-norm, computed on the device while it was the window's only reduction.
         self.device_norm: Optional[torch.Tensor] = None
@@ -75,6 +79,13 @@ class HostGradients:
             if staged is not None:
                 self.buffer.add_(staged, alpha=scale)
                 self.resources.gradient_pool.release(raw)
+
+    def rotate(self) -> None:
+        """Receive the next window's gradients in the other shard (this one is being stepped)."""
+        if self._spare is None:
+            self._spare = self.resources.host_tensor(self.buffer.numel(), torch.float32, "gradients",
+                                                     self.resources.pin_optimizer, "second gradient shard")  # fmt: skip
+        self.buffer, self._spare = self._spare, self.buffer
 
     def clear(self) -> None:
         """End of the accumulation window: the shard's contents are stale from now on."""

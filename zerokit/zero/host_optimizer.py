@@ -10,9 +10,10 @@ updates master and moments in place and writes the new parameters in compute dty
 copied to the device on the to-device stream while the CPU goes on with the next tiles (or, when
 the parameters themselves are offloaded, straight into their host shard). Under nvme the
 swapper reads tile i+1 while tile i is stepped and writes tile i back while tile i+1 is, across
-all groups in one stream. Once a group's last tile is uploaded it is all-gathered (gathered
-groups) or marked as the source of its next gather (sharded ones): collectives stay on this
-thread, in group order, as on every rank.
+all groups in one stream. Once a group's last tile is written, the training thread publishes
+it (see OffloadedAdam): all-gathered (gathered groups) or marked as the source of its next
+gather (sharded ones). Collectives stay on the training thread, in the order parameters are
+used, the same on every rank.
 
 Hyper-parameters are read at every step from the user's optimizer (`engine.optimizer`), whose
 param_groups are re-pointed at this rank's pieces as without offload: learning-rate schedulers,
@@ -22,19 +23,20 @@ no gradient in a window is not stepped, its count does not advance).
 """
 from __future__ import annotations
 
+import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
-from offload.copy_engine import CopyHandle
 from offload.cpu_adam import AdamHyperParams, adam_step_tile
 from offload.raw_memory import aligned_size
 from zerokit.config import ConfigError, OptimizerConfig
+from zerokit.zero.param_sinks import Sink
 from zerokit.zero.tiles import Tile, plan_tiles
 
 if TYPE_CHECKING:
     from zerokit.zero.flat_group import FlatParamGroup
-    from zerokit.zero.host_params import HostParamShard
     from zerokit.zero.offload_resources import OffloadResources
 
 STATES = ("master", "exp_avg", "exp_avg_sq")
@@ -199,52 +201,6 @@ def _aligned_empty(numel: int) -> torch.Tensor:
     return allocate_host_buffer(numel * 4, pin=False).tensor.view(torch.float32)
 
 
-# -- where updated parameters go ------------------------------------------------------------------
-
-
-class DeviceUpload:
-    """A group's updated parameters, uploaded tile by tile into `target` (a device tensor over
-    the shard) through the upload buffers."""
-
-    def __init__(self, target: torch.Tensor, resources: "OffloadResources"):
-        self.target = target
-        self.resources = resources
-        self.last: Optional[CopyHandle] = None
-        self._slot = 0
-
-    def buffer(self, tile: Tile) -> torch.Tensor:
-        self._slot, buffer = self.resources.upload_ring.take(tile.numel, self.target.dtype)
-        return buffer
-
-    def commit(self, tile: Tile, buffer: torch.Tensor) -> None:
-        streams = self.resources.streams
-        with streams.side(streams.to_device):
-            self.target[tile.start : tile.stop].copy_(buffer, non_blocking=True)
-            self.last = streams.fence(streams.to_device)
-        self.resources.upload_ring.hold(self._slot, self.last)
-
-    def close(self) -> Optional[CopyHandle]:
-        return self.last
-
-
-class HostShardWrite:
-    """A group's updated parameters, written into its offloaded parameter shard."""
-
-    def __init__(self, shard: "HostParamShard"):
-        self.shard = shard
-        self.values = shard.writable()
-
-    def buffer(self, tile: Tile) -> torch.Tensor:
-        return self.values[tile.start : tile.stop]
-
-    def commit(self, tile: Tile, buffer: torch.Tensor) -> None:
-        pass
-
-    def close(self) -> Optional[CopyHandle]:
-        self.shard.commit()
-        return None
-
-
 # -- the step ---------------------------------------------------------------------------------------
 
 TileFn = Callable[[int, list[torch.Tensor]], None]
@@ -266,19 +222,86 @@ def for_each_tile(jobs: Sequence[tuple[HostOptimizerState, int]], fn: TileFn, wr
     swapper.stream(keys, staging, lambda views: fn(next(positions), views), write_back=write_back)
 
 
+@dataclasses.dataclass
+class GroupUpdate:
+    """One group's part of an optimizer step, made on the training thread, filled by the stepping
+    one: the pieces to step (piece -> hyper-parameters; the others are only written), the
+    gradient shard they read, and where the new parameters go."""
+
+    group: "FlatParamGroup"
+    pieces: dict[int, AdamHyperParams]
+    grads: Optional[torch.Tensor]
+    delayed: bool = False  # published at the next step rather than at the parameters' next use
+    written: Future = dataclasses.field(default_factory=Future)  # resolves to the filled sink
+
+
+def write_tiles(updates: Sequence[GroupUpdate], coefficient: Optional[float], threads: Optional[int] = None) -> None:
+    """Walk the groups' tiles in order: step the pieces of each update with gradients scaled by
+    `coefficient`, and write every parameter's new value (the cast master where nothing stepped)
+    into the group's sink; each update's `written` resolves after its last tile."""
+    for update in updates:
+        update.group.host_optimizer.forget_cached_tiles()
+    jobs = [(u.group.host_optimizer, i) for u in updates for i in range(len(u.group.host_optimizer.tiles))]
+    owners = [u for u in updates for _ in u.group.host_optimizer.tiles]
+    sinks: dict[int, Sink] = {}
+
+    def step_tile(position: int, states: list[torch.Tensor]) -> None:
+        (state, index), update = jobs[position], owners[position]
+        if index == 0:
+            sinks[id(update)] = update.group.open_update(update.delayed)
+        sink, tile = sinks[id(update)], state.tiles[index]
+        out = sink.buffer(tile)
+        _step_tile(tile, states, update.grads, state.steps, update.pieces, coefficient, out, threads)
+        sink.commit(tile, out)
+        if index == len(state.tiles) - 1:
+            sink.close()
+            update.written.set_result(sink)
+
+    try:
+        for_each_tile(jobs, step_tile, write_back=any(u.pieces for u in updates))
+    except BaseException as error:
+        for update in updates:
+            if not update.written.done():
+                update.written.set_exception(error)
+        raise
+
+
 class OffloadedAdam:
-    def __init__(self, optimizer: torch.optim.Optimizer, groups: list["FlatParamGroup"]):
+    """Steps the offloaded groups; with `overlap`, on a background thread.
+
+    [Note: the overlapped step]
+    `step` hands the step to one worker thread and returns; the groups go in forward order (the
+    engine orders them), and each group's parameters are published (uploaded, gathered) when the
+    training thread first needs them (FlatParamGroup.publish_update, from gather), so the next
+    forward runs as the CPU goes. Masters, moments and gradient shards are the worker's until
+    `wait`: gradients of the next backward land only after it (`before_backward`), checkpoints
+    read states only after it. Collectives stay on the training thread.
+    With the delayed parameter update, the next forward and backward do not wait: they run on the
+    old parameters, gradients land in each group's second shard, and the updates are published
+    at the next `step`, which then starts the next one.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, groups: list["FlatParamGroup"], overlap: bool,
+                 delay_after: Optional[int]):  # fmt: skip
         check_offloadable(optimizer)
         self.optimizer = optimizer
         self.groups = groups
+        self.delay_after = delay_after
         index_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         # Per group, per piece: the optimizer param group stepping it, or None (not optimized).
         self._param_group = [[index_of.get(id(p)) for p in group.optimizer_params] for group in groups]
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="zerokit-cpu-optimizer") if overlap else None
+        self._job: Optional[Future] = None
+        self._delayed = False  # the step in flight is published at the next step
 
-    def step(self, coefficient: Optional[float]) -> None:
-        """One optimizer step over every group with gradients; `coefficient` scales gradients (clipping)."""
+    def step(self, coefficient: Optional[float], global_step: int) -> None:
+        """Start optimizer step `global_step` (the engine's count) over every group with gradients;
+        `coefficient` scales gradients (clipping). Publishes the previous step's parameters first
+        if they are still pending."""
+        self.publish()
         hyper = [hyper_params(self.optimizer, g) for g in self.optimizer.param_groups]
-        stepping = []
+        delayed = self.delay_after is not None and global_step >= self.delay_after
+        updates = []
         for group, param_groups in zip(self.groups, self._param_group):
             received = group.host_grads.reductions > 0
             pieces = {
@@ -288,33 +311,61 @@ class OffloadedAdam:
             }
             for i in pieces:
                 group.host_optimizer.steps[i] += 1
-            stepping.append(pieces)
-        write_tiles(self.groups, stepping, coefficient)
+            updates.append(GroupUpdate(group, pieces, group.host_grads.buffer, delayed))
+            if delayed:
+                group.host_grads.rotate()
+        if self._worker is None:
+            write_tiles(updates, coefficient)
+            for update in updates:
+                update.group.finish_update(update.written.result().publish())
+            return
+        for update in updates:
+            update.group.pending_update = update
+        self._delayed = delayed
+        self._job = self._worker.submit(_in_device_context(write_tiles), updates, coefficient, _worker_threads())
+
+    def wait(self) -> None:
+        """Block until the step in flight has written every state (re-raising its error)."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()
+
+    def publish(self) -> None:
+        """Wait for the step in flight and publish every group's parameters not yet published."""
+        self.wait()
+        for group in self.groups:
+            group.publish_update()
+
+    def before_backward(self) -> None:
+        """Gradients are about to land in the host shards: the step reading them must be over."""
+        if not self._delayed:
+            self.publish()
+
+    def close(self) -> None:
+        self.wait()
+        if self._worker is not None:
+            self._worker.shutdown()
 
 
-def write_tiles(groups: Sequence["FlatParamGroup"], stepping: list[dict[int, AdamHyperParams]],
-                coefficient: Optional[float]) -> None:  # fmt: skip
-    """Walk the groups' tiles: step the pieces in `stepping` (per group: piece -> hyper-parameters)
-    with gradients scaled by `coefficient`, and write every parameter's new value (the cast master
-    where nothing stepped) to where the parameters live."""
-    for group in groups:
-        group.host_optimizer.forget_cached_tiles()
-    jobs = [(group.host_optimizer, i) for group in groups for i in range(len(group.host_optimizer.tiles))]
-    owners = [(group, pieces) for group, pieces in zip(groups, stepping) for _ in group.host_optimizer.tiles]
-    sinks: dict[int, DeviceUpload | HostShardWrite] = {}
+def _worker_threads() -> int:
+    """CPU threads of the overlapped step: one core stays with the training thread, which
+    launches the next forward's kernels meanwhile."""
+    return max(1, torch.get_num_threads() - 1)
 
-    def step_tile(position: int, states: list[torch.Tensor]) -> None:
-        (state, index), (group, pieces) = jobs[position], owners[position]
-        if index == 0:
-            sinks[id(group)] = group.open_update()
-        sink, tile = sinks[id(group)], state.tiles[index]
-        out = sink.buffer(tile)
-        _step_tile(tile, states, group.host_grads.buffer, state.steps, pieces, coefficient, out)
-        sink.commit(tile, out)
-        if index == len(state.tiles) - 1:
-            group.finish_update(sinks.pop(id(group)).close())
 
-    for_each_tile(jobs, step_tile, write_back=any(stepping))
+def _in_device_context(fn: Callable) -> Callable:
+    """`fn` run on another thread with this thread's current CUDA device and stream, which are
+    per thread (events and copies must land on the training thread's device and stream)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return fn
+    device, stream = torch.cuda.current_device(), torch.cuda.current_stream()
+
+    def run(*args):
+        torch.cuda.set_device(device)
+        with torch.cuda.stream(stream):
+            return fn(*args)
+
+    return run
 
 
 def _step_tile(
@@ -325,6 +376,7 @@ def _step_tile(
     stepping: dict[int, AdamHyperParams],
     coefficient: Optional[float],
     out: torch.Tensor,
+    threads: Optional[int] = None,
 ) -> None:
     """Step the tile's pieces that have gradients and write every element's new value into `out`
     (compute dtype): the kernel's rounded output, or the master cast like a refresh without offload."""
@@ -339,7 +391,7 @@ def _step_tile(
         adam_step_tile(
             master[lo:hi], grad[tile.start + lo : tile.start + hi], exp_avg[lo:hi], exp_avg_sq[lo:hi],
             step=steps[segment.piece], hyper=hyper, low_precision_out=out[lo:hi] if low_precision else None,
-            grad_scale=1.0 if coefficient is None else coefficient,
+            grad_scale=1.0 if coefficient is None else coefficient, num_threads=threads,
         )  # fmt: skip
         if not low_precision:
             out[lo:hi].copy_(master[lo:hi])

@@ -190,7 +190,10 @@ class _OffloadTally:
       two NVMe buffers of one tile of master and moments; with gradient accumulation in every
       backward, a pool of buffer_count gradient shards (reduce dtype) being added on the host;
       for parameters on NVMe, a pool of offload_param.buffer_count + 1 shards (those read ahead
-      and one being written back).
+      and one being written back);
+    - with the delayed parameter update, per trainable group: a second gradient shard (one is
+      stepped while the other receives) and the updated shard in compute dtype, pinned, until
+      it is uploaded at the next step.
     Swap-file extents and pooled buffers are page aligned (offload.raw_memory.aligned_size).
     """
 
@@ -228,6 +231,9 @@ class _OffloadTally:
     def add_optimizer_shard(self, numel: int) -> None:
         self.largest_trainable = max(self.largest_trainable, numel)
         self._host("gradients", numel * FP32_BYTES, self.pin_optimizer)
+        if self.policy.optimizer.delayed_parameter_update_after is not None:
+            self._host("gradients", numel * FP32_BYTES, self.pin_optimizer)
+            self._host("staging", numel * self.compute, self.pin_optimizer)
         if self.policy.optimizer.device == "cpu":
             self._host("master_weights", numel * FP32_BYTES, False)
             self._host("optimizer_states", ADAM_MOMENTS * numel * FP32_BYTES, False)
