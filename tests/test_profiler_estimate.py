@@ -221,9 +221,11 @@ def test_activation_policies_on_gpu() -> None:
     # between the last block's forward and the first block's backward (the loss):
     loss = (trace.blocks[-1].forward_end + trace.blocks[-1].backward_start) // 2
     assert recompute[loss] == none[loss] - L * A  # every block's a dropped, x kept as the checkpoint's input
-    restore_buffers = 2 * (X + A)
-    assert swap[loss] == none[loss] - (L - 2) * (X + A) + restore_buffers  # all but the last two on the host
+    assert swap[loss] == none[loss] - (L - 2) * (X + A)  # all but the last two on the host
     assert memo[loss] == swap[loss]
+    # the two restore buffers of one block each are reserved when the blocks' backward starts
+    last = trace.blocks[-1].backward_start
+    assert (swap[last] - none[last]) - (swap[last - 1] - none[last - 1]) == 2 * (X + A)
     # recomputing block 0 in its backward brings its activations back, plus the forward's transient
     start = trace.blocks[0].backward_start
     assert recompute[start] == none[start] + blocks[0].recompute_transient

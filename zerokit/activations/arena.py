@@ -1,4 +1,6 @@
-"""Two preallocated device buffers that swapped activations are restored into.
+"""Two device buffers that swapped activations are restored into, reserved when a backward
+starts and let go when it ends: between backward passes the memory serves the forward and the
+loss's backward (the step's peak, with the logits' gradient), which never restore.
 
 Block calls that restore from host memory alternate between the buffers in forward order, so
 backward restores the next block (prefetch) into one buffer while the current block reads the
@@ -54,6 +56,11 @@ class RestoreArena:
             if self.owners[parity] is None and size > 0 and (buffer is None or buffer.numel() < size):
                 self.buffers[parity] = None  # free the old one first
                 self.buffers[parity] = torch.empty(size, dtype=torch.uint8, device=self.device)
+
+    def clear(self) -> None:
+        """Let both buffers go (none may be owned): the allocator reuses the memory until the next reserve."""
+        assert self.owners == [None, None], "restore buffers let go while a block still reads one"
+        self.buffers = [None, None]
 
     def is_free(self, parity: int) -> bool:
         return self.owners[parity] is None

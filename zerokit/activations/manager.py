@@ -267,6 +267,7 @@ class ActivationManager:
         for owner in self.arena.owners:
             if owner is not None:
                 owner.release()
+        self.arena.clear()
         self.records = []
         self._restoring = 0
         self._offloads_finished = 0

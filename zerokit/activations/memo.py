@@ -2,7 +2,8 @@
 
 In forward the block's hidden-state input and each attention output are copied to host memory
 whole (sources); a saved tensor that is a view of a source is restored as the same view of the
-restored source. Of every other saved tensor with a token dimension (per the learned layout),
+restored source, and one saved again (the same view, as the input of q, k and v projections) shares
+the first one's restore. Of every other saved tensor with a token dimension (per the learned layout),
 the first `swapped` tokens are copied to host memory and the rest dropped; tensors without one
 are copied whole. Before the block's backward, the copies come back into the block's restore
 buffer, then the block's forward runs again on only the dropped tokens with attention answered
@@ -11,6 +12,7 @@ dropped rows of the full saved tensors that autograd unpacks.
 """
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -22,7 +24,7 @@ from zerokit.activations.record import BACKWARD, DONE, BlockRecord, BlockReport,
 from zerokit.activations.recompute import check_same_count
 from zerokit.activations.rerun import ForwardState, rerun
 from zerokit.activations.slots import SavedSlot, Storage
-from zerokit.activations.tensors import contains, is_dense, nbytes
+from zerokit.activations.tensors import contains, is_dense, nbytes, view_key
 
 if TYPE_CHECKING:
     from zerokit.activations.manager import ActivationManager, ManagedBlock
@@ -60,6 +62,9 @@ class MemoRecord(BlockRecord):
         self._calls_seen = 0
         self._pending: list[tuple[SavedSlot, torch.Tensor]] = []  # saved inside a running attention call
         self._recompute: dict[int, SavedSlot] = {}
+        # token-split tensors by view: (their storage, first slot, its swapped rows), during forward only
+        self._split_views: dict[tuple, tuple[weakref.ref, int, Optional[torch.Tensor]]] = {}
+        self._same_as: dict[int, int] = {}  # slot index -> the first slot that saved the same view
         self.sources: list[_Source] = []
         self._attention_sources: list[int] = []
         self._add_source(inputs.hidden)
@@ -116,8 +121,16 @@ class MemoRecord(BlockRecord):
             slot.host = self.copy_to_host(tensor)
             return
         slot.storage = Storage.SPLIT
+        key = view_key(tensor)
+        first = self._split_views.get(key)
+        if first is not None and first[0]() is not None and self.layout.slots[first[1]].tokens == learned.tokens:
+            self._same_as[slot.index] = first[1]  # saved again: one restore serves both
+            slot.host = first[2]
+            return
         if self.swapped > 0:
             slot.host = self.copy_to_host(learned.tokens.rows(tensor, self.tokens, 0, self.swapped))
+        # the storage, not the tensor: a view made for one op (a Linear's 2-D input) dies with it
+        self._split_views[key] = (weakref.ref(tensor.untyped_storage()), slot.index, slot.host)
         self.account("dropped", tensor, nbytes(tensor) * (self.tokens - self.swapped) // self.tokens)
 
     def _on_attention_output(self, index: int, call: AttentionCall) -> None:
@@ -132,6 +145,7 @@ class MemoRecord(BlockRecord):
         self._calls_seen = len(self._recorder.calls)
         self._recorder = None  # it refers back to this record: no cycle, so the record dies with its graph
         self._pending.clear()
+        self._split_views.clear()
         self._shared = []
         for source in self.sources:
             source.forward = None
@@ -163,8 +177,14 @@ class MemoRecord(BlockRecord):
             if slot.storage is Storage.HOST and id(slot.host) not in whole:
                 whole[id(slot.host)] = RestoreTarget.like(f"h{slot.index}", slot.host, DONE)
             elif slot.storage is Storage.SPLIT:
-                split[slot.index] = RestoreTarget.contiguous(f"t{slot.index}", tuple(slot.shape), slot.dtype, DONE)
+                key = self._split_key(slot)
+                if key not in split:
+                    split[key] = RestoreTarget.contiguous(f"t{key}", tuple(slot.shape), slot.dtype, DONE)
         return sources, whole, split
+
+    def _split_key(self, slot: SavedSlot) -> int:
+        """The slot index whose restore target a token-split slot uses."""
+        return self._same_as.get(slot.index, slot.index)
 
     def restore_targets(self) -> list[RestoreTarget]:
         sources, whole, split = self._targets()
@@ -179,6 +199,7 @@ class MemoRecord(BlockRecord):
                 source.restored = placement.tensor(target)
                 pairs.append((source.restored, source.host))
         restored_hosts: dict[int, torch.Tensor] = {}
+        restored_splits: dict[int, torch.Tensor] = {}
         for slot in self.live_slots():
             if slot.restored is not None or slot.storage is Storage.KEPT:
                 continue
@@ -189,7 +210,11 @@ class MemoRecord(BlockRecord):
                     pairs.append((restored_hosts[key], slot.host))
                 slot.restored = restored_hosts[key]
             elif slot.storage is Storage.SPLIT:
-                slot.restored = placement.tensor(split[slot.index])
+                key = self._split_key(slot)
+                if key in restored_splits:
+                    slot.restored = restored_splits[key]
+                    continue
+                slot.restored = restored_splits[key] = placement.tensor(split[key])
                 if self.swapped > 0:
                     rows = self.layout.slots[slot.index].tokens.rows(slot.restored, self.tokens, 0, self.swapped)
                     pairs.append((rows, slot.host))

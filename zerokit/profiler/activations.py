@@ -13,8 +13,8 @@ intervals taken out (or put in) per block b, over the trace's event indices:
   are copied during its forward and leave the GPU when block b+2's forward starts (the runtime
   waits for a block's copies there), or, for the last two blocks, when backward starts; they
   come back, before block b+1's backward (prefetch), into one of two restore buffers that live
-  through the whole step (from one iteration to the next), each the size of the largest
-  swapped block's restore; the last `keep_last` blocks (default KEEP_LAST) keep theirs.
+  from the start of the blocks' backward to its end, each the size of the largest swapped
+  block's restore; the last `keep_last` blocks (default KEEP_LAST) keep theirs.
 - memo (MEMO): as swap; the block input and attention outputs go to host memory whole, a
   fraction alpha of the other tokens too, and the rest is recomputed into the restore buffer
   before the block's backward (the transient above, once more). The block input stays on the
@@ -124,7 +124,8 @@ def gpu_timeline(
                     add(marks[b].input_freed, offloaded, blocks[b].inputs)
                 add(marks[b].backward_start, marks[b].backward_start + 1, blocks[b].recompute_transient)
         if swapped:
-            add(0, trace.events, RESTORE_BUFFERS * max(_restored(blocks[b], policy) for b in swapped))
+            # reserved when the blocks' backward starts (the last block's), let go at its end
+            add(marks[-1].backward_start, trace.events, RESTORE_BUFFERS * max(_restored(blocks[b], policy) for b in swapped))
     adjust = accumulate(change[:-1])
     return tuple(a - g + d for a, g, d in zip(trace.live, trace.param_grads, adjust))
 

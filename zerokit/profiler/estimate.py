@@ -34,8 +34,8 @@ visible in `--json` under "assumptions":
   "nvme" puts masters, moments and parameter shards on NVMe with the gradients in host memory
   (stage 3, max_in_cpu 0). Host, NVMe and staging bytes are the engine's own plan
   (zero/memory.py), byte for byte;
-- swap and memo: the steady state, with the two restore buffers kept from the iteration before
-  (memo's first step only plans, its second reserves them in backward; activations.py).
+- swap and memo: the steady state, with the two restore buffers reserved for the blocks'
+  backward (memo's first step only plans, restores from its second on; activations.py).
 
 The fastest configuration that fits is the one with the least relative cost, the product of
 per-choice step-time factors (COSTS) from measured step times of ZeRO/FSDP systems on H100s:
