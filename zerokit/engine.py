@@ -113,7 +113,9 @@ class Engine:
             delay = offload.optimizer.delayed_parameter_update_after
             self._host_adam = OffloadedAdam(self.optimizer, ordered, overlap, delay)
         # The stepping thread finishes, then swap files go, when the engine does (or at exit).
-        self._close_offload = weakref.finalize(self, _close_offload, self._host_adam, self._offload) if self._offload else None
+        self._close_offload = None
+        if self._offload is not None:
+            self._close_offload = weakref.finalize(self, _stop_offload, self._host_adam, self._offload)
         self.lr_scheduler = build_scheduler(config.scheduler, self.optimizer) if config.scheduler else None
         self.loss_scaler = LossScaler(config.fp16) if config.fp16.enabled else None
         profiler.track_model_states(self._device_memory_breakdown)  # a no-op unless run under `zerokit profile`
@@ -340,7 +342,8 @@ class Engine:
             ) from error
 
 
-def _close_offload(host_adam: Optional[OffloadedAdam], offload: OffloadResources) -> None:
+def _stop_offload(host_adam: Optional[OffloadedAdam], offload: OffloadResources) -> None:
+    """The stepping thread finishes first: it may still read swap files and upload buffers."""
     if host_adam is not None:
         host_adam.close()
     offload.close()

@@ -281,7 +281,7 @@ class FlatParamGroup:
         if update is None or (on_use and update.delayed):
             return
         self.pending_update = None
-        self.finish_update(update.written.result().publish())
+        update.publish()
 
     def finish_update(self, uploaded: Optional[CopyHandle]) -> None:
         """All tiles are written (and uploaded, the last upload completing with `uploaded`)."""
@@ -473,7 +473,7 @@ class FlatParamGroup:
         if self.host_optimizer is not None:
             update = GroupUpdate(self, {}, None)  # the masters, cast, to wherever the parameters live
             write_tiles([update], None)
-            self.finish_update(update.written.result().publish())
+            update.publish()
             return
         if self.host_params is not None:
             if self.trainable:

@@ -234,6 +234,10 @@ class GroupUpdate:
     delayed: bool = False  # published at the next step rather than at the parameters' next use
     written: Future = dataclasses.field(default_factory=Future)  # resolves to the filled sink
 
+    def publish(self) -> None:
+        """On the training thread: once every tile is written, upload (if held) and gather."""
+        self.group.finish_update(self.written.result().publish())
+
 
 def write_tiles(updates: Sequence[GroupUpdate], coefficient: Optional[float], threads: Optional[int] = None) -> None:
     """Walk the groups' tiles in order: step the pieces of each update with gradients scaled by
@@ -317,7 +321,7 @@ class OffloadedAdam:
         if self._worker is None:
             write_tiles(updates, coefficient)
             for update in updates:
-                update.group.finish_update(update.written.result().publish())
+                update.publish()
             return
         for update in updates:
             update.group.pending_update = update
