@@ -27,7 +27,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 import zerokit  # noqa: E402
 from gpt import stdlib_corpus  # noqa: E402
-from llama_step import build_model  # noqa: E402
+from llama_step import build_model, estimated_configuration  # noqa: E402
 
 
 def make_engine(model_name: str, keep: float, micro_batch: int, device: torch.device) -> zerokit.Engine:
@@ -101,12 +101,8 @@ def estimated(args, keep: float) -> dict:
     GPU, no activation policy, the blocks' linear layers converted to WTA-CRS as the engine
     converts them. What the peak adds to the states held between steps is the activations, the
     gradients and the reduction buffers at the estimated peak."""
-    from zerokit.profiler.estimate import Hardware, Workload, estimate
-    from zerokit.profiler.models import ModelSource
-
-    source = ModelSource(f"llama-{args.model}", lambda: build_model(args.model, torch.device("meta"), False))
-    workload = Workload(args.micro_batch, args.seq, torch.bfloat16, wtacrs_keep_ratio=keep if keep < 1 else None)
-    config = estimate(source, Hardware(), workload).find(0, "none", "none")
+    config = estimated_configuration(args.model, None, 1, args.micro_batch, args.seq, 0,
+                                     wtacrs_keep_ratio=keep if keep < 1 else None)  # fmt: skip
     added = config.gpu["activations"] + config.gpu["gradients"] + config.gpu["communication"]
     return {
         "estimated_peak_gib": round(config.peak_allocated / 2**30, 2),

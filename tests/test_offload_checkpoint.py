@@ -10,11 +10,9 @@ import pytest
 
 from tests.multiprocess import run_world
 from tests.test_checkpoint_training import (
-    MORE, SAVED_AT, assert_resharded, make_engine, resume, save_reference, train,
+    MORE, SAVED_AT, STAGE1, assert_resharded, make_engine, resume, save_reference, train,
 )  # fmt: skip
 from zerokit.checkpoint import load_checkpoint, save_checkpoint
-
-STAGE1 = {"zero_optimization": {"stage": 1}}
 CPU = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "tile_size": 64}}}
 
 
@@ -84,3 +82,4 @@ def test_plain_checkpoint_loads_into_offload(worlds: dict) -> None:
 def test_two_offloaded_ranks_to_one(worlds: dict) -> None:
     saved = [r["offloaded_reference"] for r in worlds["two"]]
     assert_resharded([worlds["one_from_two"]], saved)
+

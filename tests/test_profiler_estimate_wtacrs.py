@@ -5,20 +5,16 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 
+from tests import test_profiler_trace as trace_models
 from tests.saved_bytes import saved_bytes
 from zerokit.cli import main
 from zerokit.nn import WTACRSLinear, convert_to_wtacrs
 from zerokit.profiler.estimate import Hardware, Workload, estimate, estimate_module
 from zerokit.profiler.models import ModelSource, build_on_meta
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from gpt import GPT, GPTConfig  # noqa: E402
 
 HAND = "tests.test_profiler_estimate:hand_model"
 KEEP = 0.3
@@ -26,17 +22,11 @@ BATCH, SEQ = 2, 64
 
 
 def example_gpt() -> torch.nn.Module:
-    return GPT(GPTConfig(layers=2, dim=64, heads=4, max_seq=SEQ))
+    return trace_models.example_gpt(layers=2)
 
 
 def small_llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256, attn_implementation="sdpa", use_cache=False,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
+    return trace_models.small_llama(layers=2)
 
 
 # fp32 for the GPT: in bf16 its LayerNorm keeps mean and rstd in bf16 on the CPU, in fp32 on meta

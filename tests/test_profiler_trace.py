@@ -27,15 +27,15 @@ from gpt import GPT, GPTConfig  # noqa: E402
 BATCH, SEQ = 4, 128
 
 
-def example_gpt() -> torch.nn.Module:
-    return GPT(GPTConfig(layers=4, dim=64, heads=4, max_seq=SEQ))
+def example_gpt(layers: int = 4) -> torch.nn.Module:
+    return GPT(GPTConfig(layers=layers, dim=64, heads=4, max_seq=SEQ))
 
 
-def small_llama() -> torch.nn.Module:
+def small_llama(layers: int = 4) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64, intermediate_size=176, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=256, attn_implementation="sdpa", use_cache=False,
     )  # fmt: skip
     return LlamaForCausalLM(config)

@@ -344,6 +344,8 @@ class Engine:
 
 def _stop_offload(host_adam: Optional[OffloadedAdam], offload: OffloadResources) -> None:
     """The stepping thread finishes first: it may still read swap files and upload buffers."""
-    if host_adam is not None:
-        host_adam.close()
-    offload.close()
+    try:
+        if host_adam is not None:
+            host_adam.close()
+    finally:
+        offload.close()

@@ -34,14 +34,14 @@ class PinnedHostPool:
     def take(self, like: torch.Tensor, owner: Any) -> torch.Tensor:
         """A host tensor laid out as empty_like_layout(like) would be, lent to `owner` until
         the owner is garbage."""
-        lent = self._lent[self._layout(like)]
-        for index, (holder, host) in enumerate(lent):
+        layout = self._layout(like)
+        for index, (holder, host) in enumerate(self._lent[layout]):
             if holder() is None:
-                lent[index] = (weakref.ref(owner), host)
+                self._lent[layout][index] = (weakref.ref(owner), host)
                 return host
-        for layout in list(self._lent):
-            self._lent[layout] = [(holder, host) for holder, host in self._lent[layout] if holder() is not None]
-        lent = self._lent[self._layout(like)]
+        for each in list(self._lent):
+            self._lent[each] = [(holder, host) for holder, host in self._lent[each] if holder() is not None]
+        lent = self._lent[layout]
         host = empty_like_layout(like, device="cpu", pin_memory=self.pin)
         lent.append((weakref.ref(owner), host))
         return host

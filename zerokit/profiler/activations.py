@@ -32,10 +32,12 @@ from itertools import accumulate
 from typing import Optional
 
 from planner import SwapInputs, swap_fraction
+from zerokit.activations.config import ActivationMemoryConfig
 from zerokit.profiler.trace import BlockMarks, SavedStorage, StepTrace
 
 POLICIES = ("none", "recompute", "swap", "memo")
-KEEP_LAST = 2  # swap and memo keep the last blocks' activations: their backward comes at once
+# swap and memo keep the last blocks' activations (their backward comes at once), as the runtime does
+KEEP_LAST = ActivationMemoryConfig().keep_last
 RESTORE_BUFFERS = 2  # one block restored while the next is prefetched
 
 

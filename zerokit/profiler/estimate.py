@@ -90,8 +90,7 @@ GPU_RUNTIME_BYTES = 1 << 30
 HOST_RUNTIME_BYTES = 2 << 30
 REDUCTIONS_IN_FLIGHT = 2
 _NVME = "nvme_path"  # a placeholder: the arithmetic does not look at the directory
-OFFLOAD_POLICIES = {
-    "none": OffloadPolicy(),
+OFFLOAD_POLICIES = {  # every offload of OFFLOADS but "none", which places nothing off the GPU
     "cpu_optimizer": OffloadPolicy(OffloadOptimizerConfig(device="cpu")),
     "cpu_optimizer_params": OffloadPolicy(OffloadOptimizerConfig(device="cpu"), OffloadParamConfig(device="cpu")),
     "nvme_optimizer": OffloadPolicy(OffloadOptimizerConfig(device="nvme", nvme_path=_NVME)),

@@ -201,8 +201,8 @@ class FlatParamGroup:
         self.state = GroupState.GATHERING
 
     def read_ahead(self) -> None:
-        """Start reading an NVMe-offloaded shard into host memory before it is gathered."""
-        self.publish_update(on_use=True)
+        """Start reading an NVMe-offloaded shard into host memory before it is gathered (never
+        with an update pending: parameters on NVMe keep the step on the training thread)."""
         if self.host_params is not None and self.state is GroupState.SHARDED:
             self.host_params.read_ahead()
 

@@ -183,7 +183,7 @@ class HostOptimizerState:
         key = self.tile_keys(index)[STATES.index(name)]
         buffer = _aligned_empty(self.tiles[index].numel)
         self.swapper.swap_in(key, buffer).wait()
-        self._cache = {name: (index, buffer)}
+        self._cache[name] = (index, buffer)
         return buffer
 
     def _tile_views(self, index: int, staging: torch.Tensor) -> list[torch.Tensor]:
@@ -346,9 +346,11 @@ class OffloadedAdam:
             self.publish()
 
     def close(self) -> None:
-        self.wait()
-        if self._worker is not None:
-            self._worker.shutdown()
+        try:
+            self.wait()
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown()
 
 
 def _worker_threads() -> int:
