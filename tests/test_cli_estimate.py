@@ -11,17 +11,17 @@ from zerokit.profiler.presets import PRESETS
 HAND = "tests.test_profiler_estimate:hand_model"
 ARGS = ["--gpus", "2", "--gpu-memory", "80GB", "--host-memory", "512GB", "--micro-batch", "2", "--seq", "16"]
 
-# The schema's key set: removing or renaming a key is a new schema version; keys are only added
-# (workload.wtacrs_keep_ratio; workload.chunked_loss_tokens, keep_last and alpha; the offload
-# "nvme_optimizer" added rows, not keys).
+# The schema's key set: removing or renaming a key is a new schema version (2: assumptions'
+# staging_buffers became offload_buffers); keys are only added within a version
+# (workload.wtacrs_keep_ratio; workload.chunked_loss_tokens, keep_last and alpha; the offloads
+# "nvme_optimizer" and "nvme_optimizer_cpu_params" added rows, not keys).
 TOP = {"schema", "model", "workload", "hardware", "assumptions", "activations", "configurations", "recommended"}
 MODEL = {"name", "parameters", "trainable_parameters", "blocks", "sharding_units"}
 WORKLOAD = {
     "micro_batch", "seq", "dtype", "attention_kernels", "wtacrs_keep_ratio", "chunked_loss_tokens", "keep_last", "alpha",
 }  # fmt: skip
 HARDWARE = {"nodes", "gpus_per_node", "world_size", "gpu_memory_bytes", "host_memory_bytes", "nvme_bytes"}
-# offload_buffers: the engine's offload buffer settings, which the offload rows now follow
-# (they replaced a fixed count of staging buffers)
+# offload_buffers: the engine's offload buffer settings, which the offload rows follow
 ASSUMPTIONS = {
     "gradient_accumulation_steps", "reduce_dtype", "optimizer", "allocator_overhead_fraction", "gpu_runtime_bytes",
     "host_runtime_bytes_per_rank", "reductions_in_flight", "offload_buffers", "costs",
@@ -55,7 +55,7 @@ def test_json_schema_is_stable(capsys) -> None:
     code, out, _ = _run(capsys, "--model", HAND, *ARGS, "--json")
     assert code == 0
     data = json.loads(out)
-    assert data["schema"] == "zerokit.estimate/1"
+    assert data["schema"] == "zerokit.estimate/2"
     assert set(data) == TOP
     assert set(data["model"]) == MODEL and set(data["workload"]) == WORKLOAD and set(data["hardware"]) == HARDWARE
     assert set(data["assumptions"]) == ASSUMPTIONS and set(data["activations"]) == ACTIVATIONS

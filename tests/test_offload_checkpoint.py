@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from tests.multiprocess import run_world
 from tests.test_checkpoint_training import (
@@ -83,3 +84,24 @@ def test_two_offloaded_ranks_to_one(worlds: dict) -> None:
     saved = [r["offloaded_reference"] for r in worlds["two"]]
     assert_resharded([worlds["one_from_two"]], saved)
 
+
+def _trainable_shard_values(rank: int) -> list[tuple[str, bool]]:
+    """Under parameter offload alone (the optimizer on the device), in bf16, after two steps: each
+    trainable parameter's checkpoint values, their dtype and whether they are its fp32 master."""
+    engine = make_engine({"bf16": {"enabled": True}, "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0, "offload_param": {"device": "cpu"}}})  # fmt: skip
+    train(engine, 0, 2)
+    seen = []
+    for group in engine._groups:
+        for index in range(len(group.slots)):
+            values = group.shard_values(index)
+            if values is not None:
+                lo, hi = group._locate(index)
+                seen.append((str(values.dtype), torch.equal(values, group.master[lo:hi])))
+    return seen
+
+
+def test_checkpoints_take_trainable_values_from_the_fp32_masters_under_parameter_offload() -> None:
+    """The host shard holds the bf16 copies; a checkpoint of a trainable parameter is its master."""
+    (seen,) = run_world(_trainable_shard_values, 1)
+    assert seen and all(entry == ("torch.float32", True) for entry in seen)

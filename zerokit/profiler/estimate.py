@@ -72,7 +72,7 @@ from zerokit.zero.memory import ModelStateBytes, model_state_bytes
 from zerokit.zero.policy import OffloadPolicy, ShardingPolicy
 from zerokit.zero.units import plan_units
 
-SCHEMA = "zerokit.estimate/1"
+SCHEMA = "zerokit.estimate/2"
 STAGES = (0, 1, 2, 3)
 OFFLOADS = ("none", "cpu_optimizer", "cpu_optimizer_params", "nvme_optimizer", "nvme_optimizer_cpu_params", "nvme")
 GPU_CATEGORIES = (

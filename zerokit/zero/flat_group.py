@@ -435,7 +435,7 @@ class FlatParamGroup:
         lo, hi = located
         if self.host_optimizer is not None:
             return self.host_optimizer.read("master", lo, hi)
-        if self.host_params is not None:
+        if self.host_params is not None and not self.trainable:  # trainable ones: the fp32 master
             return self.host_params.read()[lo:hi]
         return self._resident_shard()[lo:hi]
 
