@@ -143,6 +143,9 @@ def main() -> None:
     if rank == 0:
         print(f"done: {args.steps} steps in {time.perf_counter() - start:.1f}s", flush=True)
     if dist.is_initialized():
+        # Every rank past its last collective before any tears its connections down: a gloo rank
+        # whose peer closes a connection it is still reading from aborts at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 
