@@ -15,8 +15,10 @@ one large buffer, as zerokit's data lives ("direct_in_place"); the fastest is th
 --threads threads: AsyncIO with every 64 MiB request in flight ("aio"), and NVMeSwapper swapping
 64 MiB pieces of one host tensor out and in ("swapper"). Write times include fsync. Before each
 read the file's pages are dropped with posix_fadvise(DONTNEED) where available (fadvise_dontneed;
-a no-op on tmpfs). Each method writes once untimed, so timed writes overwrite, then writes and
-reads --nvme-repeats times; medians.
+a no-op on tmpfs). Each method writes once untimed, so timed writes overwrite; then
+--nvme-repeats rounds each time every method once (write, then read), in a rotating order, so a
+drift of the disk during the run reaches all methods alike; zerokit's ratio is the median over
+rounds of its figure over that round's ceiling.
 
 Every measurement prints one JSON line (also appended to --out): bench (copy | nvme), method, op
 (h2d | d2h | both | write | read), gbps (1e9 bytes/s; for "both" the sum, with h2d_gbps and
@@ -38,6 +40,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -149,20 +152,16 @@ def flush(path: Path, drop: bool = False) -> bool:
         os.close(fd)
 
 
-def time_disk(path: Path, write: Callable[[], None], read: Callable[[], None], repeats: int) -> dict:
-    """Median seconds of write + fsync, and of read after dropping the page cache; one warm-up write."""
+def time_pass(path: Path, write: Callable[[], None], read: Callable[[], None]) -> dict:
+    """Seconds of one write + fsync, and of one read after dropping the page cache."""
+    start = time.perf_counter()
     write()
-    writes, reads, dropped = [], [], True
-    for _ in range(repeats):
-        start = time.perf_counter()
-        write()
-        flush(path)
-        writes.append(time.perf_counter() - start)
-        dropped = flush(path, drop=True) and dropped
-        start = time.perf_counter()
-        read()
-        reads.append(time.perf_counter() - start)
-    return dict(write=statistics.median(writes), read=statistics.median(reads), fadvise_dontneed=dropped)
+    flush(path)
+    seconds = dict(write=time.perf_counter() - start)
+    dropped = flush(path, drop=True)
+    start = time.perf_counter()
+    read()
+    return dict(seconds, read=time.perf_counter() - start, fadvise_dontneed=dropped)
 
 
 def threaded_pio(fd: int, blocks: list[mmap.mmap], total: int, write: bool, whole: mmap.mmap | None = None) -> None:
@@ -182,73 +181,106 @@ def threaded_pio(fd: int, blocks: list[mmap.mmap], total: int, write: bool, whol
         list(pool.map(work, range(threads)))
 
 
-def nvme_section(nvme_path: str, total: int, threads: int, repeats: int, report: Report) -> None:
-    common = dict(bench="nvme", bytes=total, threads=threads, block_bytes=BLOCK)
-    ceiling = {"write": 0.0, "read": 0.0}
+@dataclass
+class DiskMethod:
+    name: str
+    path: Path
+    write: Callable[[], None]
+    read: Callable[[], None]
+    close: Callable[[], None]
+    fields: dict
 
-    def record(method: str, seconds: dict, **fields) -> None:
-        for op in ("write", "read"):
-            gbps = total / GB / seconds[op]
-            if method in ("buffered", "direct", "direct_in_place"):
-                ceiling[op] = max(ceiling[op], gbps)
-            else:
-                fields.update(ratio=gbps / ceiling[op], ceiling_gbps=ceiling[op])
-            report(**common, method=method, op=op, gbps=gbps, fadvise_dontneed=seconds["fadvise_dontneed"], **fields)
 
+BASELINES = ("buffered", "direct", "direct_in_place")
+
+
+def baseline_methods(directory: str, total: int, threads: int, report: Report) -> list[DiskMethod]:
+    blocks = [mmap.mmap(-1, BLOCK) for _ in range(threads)]  # page-aligned, as O_DIRECT needs
+    for block in blocks:
+        block[:] = os.urandom(BLOCK)
+    whole = mmap.mmap(-1, total)
+    for offset in range(0, total, BLOCK):  # every page touched first, as the engine's pinned buffers are
+        whole[offset : offset + BLOCK] = blocks[0]
+    methods = []
+    for name in BASELINES:
+        path = Path(directory) / f"{name}.bin"
+        flags = os.O_RDWR | os.O_CREAT
+        if name.startswith("direct"):
+            try:
+                os.close(os.open(path, flags | os.O_DIRECT, 0o600))
+            except (AttributeError, OSError) as error:  # no O_DIRECT here, or the filesystem refuses it
+                report(bench="nvme", method=name, skipped=f"O_DIRECT is not available: {error!r}")
+                continue
+            flags |= os.O_DIRECT
+        fd = os.open(path, flags, 0o600)
+        place = whole if name == "direct_in_place" else None
+        methods.append(DiskMethod(
+            name, path,
+            lambda fd=fd, place=place: threaded_pio(fd, blocks, total, write=True, whole=place),
+            lambda fd=fd, place=place: threaded_pio(fd, blocks, total, write=False, whole=place),
+            lambda fd=fd: os.close(fd), dict(direct=name != "buffered"),
+        ))  # fmt: skip
+    return methods
+
+
+def zerokit_methods(directory: str, total: int, threads: int) -> list[DiskMethod]:
+    data = allocate_host_buffer(total).tensor  # pinned when CUDA is present, like the engine's buffers
+    data.view(-1, BLOCK)[:] = torch.frombuffer(bytearray(os.urandom(BLOCK)), dtype=torch.uint8)
+    pieces = [(offset, data[offset : offset + REQUEST]) for offset in range(0, total, REQUEST)]
+    extension = extension_status().path
+
+    io = AsyncIO(threads, BLOCK)
+    file = io.open(Path(directory) / "aio.bin")
+
+    def aio(submit: Callable) -> None:
+        for request in [submit(file, piece, offset) for offset, piece in pieces]:
+            request.wait()
+
+    swapper = NVMeSwapper(directory, total, num_threads=threads, block_size=BLOCK)
+
+    def swap(operation: Callable) -> None:
+        for handle in [operation(f"piece{offset}", piece) for offset, piece in pieces]:
+            handle.wait()
+
+    return [
+        DiskMethod("aio", Path(file.path), lambda: aio(io.write), lambda: aio(io.read), file.close,
+                   dict(direct=file.direct, fallback_reason=file.fallback_reason, extension=extension)),
+        DiskMethod("swapper", swapper.directory / SWAP_FILE_NAME, lambda: swap(swapper.swap_out),
+                   lambda: swap(swapper.swap_in), swapper.close,
+                   dict(direct=swapper.direct, fallback_reason=swapper.fallback_reason, extension=extension)),
+    ]  # fmt: skip
+
+
+def nvme_section(nvme_path: str, total: int, threads: int, rounds: int, report: Report) -> None:
+    """Every method writes once untimed; then `rounds` rounds, each timing every method once in a
+    rotating order, so that the disk's drift within a run reaches baselines and zerokit alike.
+    zerokit's ratio is taken round by round against that round's ceiling (the fastest baseline),
+    then the median over rounds."""
+    common = dict(bench="nvme", bytes=total, threads=threads, block_bytes=BLOCK, rounds=rounds)
     with tempfile.TemporaryDirectory(prefix="zerokit-io-bench-", dir=nvme_path) as directory:
-        blocks = [mmap.mmap(-1, BLOCK) for _ in range(threads)]  # page-aligned, as O_DIRECT needs
-        for block in blocks:
-            block[:] = os.urandom(BLOCK)
-        whole = mmap.mmap(-1, total)
-        for offset in range(0, total, BLOCK):  # every page touched first, as the engine's pinned buffers are
-            whole[offset : offset + BLOCK] = blocks[0]
-        for method in ("buffered", "direct", "direct_in_place"):
-            path = Path(directory) / f"{method}.bin"
-            flags = os.O_RDWR | os.O_CREAT
-            if method.startswith("direct"):
-                try:
-                    os.close(os.open(path, flags | os.O_DIRECT, 0o600))
-                except (AttributeError, OSError) as error:  # no O_DIRECT here, or the filesystem refuses it
-                    report(**common, method=method, skipped=f"O_DIRECT is not available: {error!r}")
-                    continue
-                flags |= os.O_DIRECT
-            fd = os.open(path, flags, 0o600)
-            place = whole if method == "direct_in_place" else None
-            seconds = time_disk(path, lambda: threaded_pio(fd, blocks, total, write=True, whole=place),
-                                lambda: threaded_pio(fd, blocks, total, write=False, whole=place), repeats)  # fmt: skip
-            os.close(fd)
-            path.unlink()  # one test file on the disk at a time
-            record(method, seconds, direct=method != "buffered")
+        methods = baseline_methods(directory, total, threads, report) + zerokit_methods(directory, total, threads)
+        try:
+            for method in methods:
+                method.write()
+            passes = {method.name: [] for method in methods}
+            for round_index in range(rounds):
+                shift = round_index % len(methods)
+                for method in methods[shift:] + methods[:shift]:
+                    passes[method.name].append(time_pass(method.path, method.write, method.read))
+        finally:
+            for method in methods:
+                method.close()
         for op in ("write", "read"):
-            report(**common, method="ceiling", op=op, gbps=ceiling[op])
-
-        data = allocate_host_buffer(total).tensor  # pinned when CUDA is present, like the engine's buffers
-        data.view(-1, BLOCK)[:] = torch.frombuffer(bytearray(os.urandom(BLOCK)), dtype=torch.uint8)
-        pieces = [(offset, data[offset : offset + REQUEST]) for offset in range(0, total, REQUEST)]
-        extension = extension_status().path
-
-        io = AsyncIO(threads, BLOCK)
-        file = io.open(Path(directory) / "aio.bin")
-
-        def aio(submit: Callable) -> None:
-            for request in [submit(file, piece, offset) for offset, piece in pieces]:
-                request.wait()
-
-        seconds = time_disk(Path(file.path), lambda: aio(io.write), lambda: aio(io.read), repeats)
-        file.close()
-        Path(file.path).unlink()
-        record("aio", seconds, direct=file.direct, fallback_reason=file.fallback_reason, extension=extension)
-
-        with NVMeSwapper(directory, total, num_threads=threads, block_size=BLOCK) as swapper:
-
-            def swap(operation: Callable) -> None:
-                for handle in [operation(f"piece{offset}", piece) for offset, piece in pieces]:
-                    handle.wait()
-
-            path = swapper.directory / SWAP_FILE_NAME
-            seconds = time_disk(path, lambda: swap(swapper.swap_out), lambda: swap(swapper.swap_in), repeats)
-            record("swapper", seconds, direct=swapper.direct, fallback_reason=swapper.fallback_reason,
-                   extension=extension)  # fmt: skip
+            gbps = {name: [total / GB / one[op] for one in runs] for name, runs in passes.items()}
+            ceilings = [max(gbps[name][index] for name in BASELINES if name in gbps) for index in range(rounds)]
+            for method in methods:
+                fields = dict(method.fields, fadvise_dontneed=all(one["fadvise_dontneed"] for one in passes[method.name]))
+                if method.name not in BASELINES:
+                    ratios = [mine / ceiling for mine, ceiling in zip(gbps[method.name], ceilings)]
+                    fields.update(ratio=statistics.median(ratios), ratios=[round(r, 3) for r in ratios])
+                report(**common, method=method.name, op=op, gbps=statistics.median(gbps[method.name]),
+                       per_round=[round(g, 3) for g in gbps[method.name]], **fields)  # fmt: skip
+            report(**common, method="ceiling", op=op, gbps=statistics.median(ceilings))
 
 
 def main() -> None:
@@ -257,7 +289,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats of each copy")
     parser.add_argument("--nvme-path", help="a directory on the disk to measure; without it, no NVMe section")
     parser.add_argument("--nvme-bytes", type=parse_size, help="bytes written and read per pass (default 4 x --size)")
-    parser.add_argument("--nvme-repeats", type=int, default=3, help="timed write + read passes per method")
+    parser.add_argument("--nvme-repeats", type=int, default=3, help="rounds: timed write + read passes per method")
     parser.add_argument("--threads", type=int, default=8, help="I/O threads of the baselines and of zerokit")
     parser.add_argument("--out", help="append the JSON lines to this file")
     args = parser.parse_args()
@@ -268,7 +300,7 @@ def main() -> None:
         if nvme_bytes % BLOCK:
             parser.error(f"--nvme-bytes must be a multiple of 4 MiB, got {nvme_bytes} bytes")
         try:
-            check_nvme_path(args.nvme_path, nvme_bytes)
+            check_nvme_path(args.nvme_path, (len(BASELINES) + 2) * nvme_bytes)  # every method's file at once
         except NVMePathError as error:
             parser.error(str(error))
 
