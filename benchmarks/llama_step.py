@@ -292,17 +292,17 @@ def activation_label(args: argparse.Namespace) -> str:
 def estimated_configuration(model: str, layers: int | None, gpus: int, micro_batch: int, seq: int, stage: int,
                             offload: str = "none", activations: str = "none", chunked_loss: int | None = None,
                             keep_last: int | None = None, alpha: float | None = None,
-                            wtacrs_keep_ratio: float | None = None):
+                            wtacrs_keep_ratio: float | None = None, offload_ratio: float = 1.0):
     """`zerokit estimate`'s row (a zerokit.profiler.estimate.Configuration) for this model and
     configuration, from the meta device: with the loss over chunks of `chunked_loss` tokens,
-    activation_memory's `keep_last` and `alpha`, and WTA-CRS layers keeping `wtacrs_keep_ratio`
-    of their rows, where given."""
+    activation_memory's `keep_last` and `alpha`, WTA-CRS layers keeping `wtacrs_keep_ratio` of
+    their rows, where given, and offload_optimizer's `offload_ratio`."""
     from zerokit.profiler.estimate import Hardware, Workload, estimate
     from zerokit.profiler.models import ModelSource
 
     source = ModelSource(f"llama-{model}", lambda: build_model(model, torch.device("meta"), False, layers))
     workload = Workload(micro_batch, seq, chunked_loss=chunked_loss, keep_last=keep_last, alpha=alpha,
-                        wtacrs_keep_ratio=wtacrs_keep_ratio)  # fmt: skip
+                        wtacrs_keep_ratio=wtacrs_keep_ratio, offload_ratio=offload_ratio)  # fmt: skip
     result = estimate(source, Hardware(gpus_per_node=gpus, gpu_memory=80 * 10**9), workload)
     return result.find(stage, offload, activations)
 

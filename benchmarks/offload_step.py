@@ -15,6 +15,7 @@ the GPU. Every measurement prints one JSON line: llama_step.py's fields plus
 
     python benchmarks/offload_step.py --system zerokit-offload-cpu --model 2.7b
     python benchmarks/offload_step.py --system zerokit-offload-nvme --nvme-path /local_nvme
+    python benchmarks/offload_step.py --system zerokit-offload-cpu --ratio 0.4   # 60% of it on the GPU
     python benchmarks/offload_step.py --system deepspeed-2-offload-cpu \
         --deepspeed-wheel deepspeed-0.19.8-py3-none-any.whl
     python benchmarks/offload_step.py --largest --nvme-path /local_nvme   # more layers at 2.7b's width
@@ -95,7 +96,9 @@ class ZerokitRunner:
             "bf16": {"enabled": True},
             "zero_optimization": zero,
         }
-        optimizer = make_optimizer(model.parameters(), fused=not self.offloads(zero))
+        # Fused, as without offload: under ratio < 1 the device's units step with it (a foreach
+        # step would hold an fp32 temporary as large as their states); the CPU kernel ignores it.
+        optimizer = make_optimizer(model.parameters(), fused=True)
         self.engine = zerokit.initialize(model, optimizer, config)
 
     @staticmethod
@@ -179,6 +182,10 @@ def run_one(args: argparse.Namespace) -> None:
     if "nvme" in args.system and not args.nvme_path:
         raise SystemExit(f"{args.system} needs --nvme-path")
     zero = zerokit_zero(args.system, args.nvme_path)
+    if args.ratio != 1.0:
+        if zero is None or "offload_optimizer" not in zero:
+            raise SystemExit(f"--ratio is offload_optimizer.ratio: {args.system} does not offload zerokit's optimizer")
+        zero = {**zero, "offload_optimizer": {**zero["offload_optimizer"], "ratio": args.ratio}}
     # Offloaded models never exist whole on the GPU: built on meta, materialized by zerokit.
     on_meta = zero is not None and ZerokitRunner.offloads(zero)
     model = build_model(args.model, torch.device("meta") if on_meta else device, True, args.layers)
@@ -195,11 +202,13 @@ def run_one(args: argparse.Namespace) -> None:
             host_gib=round(psutil.Process().memory_info().rss / GiB, 2),
             disk_gib=round(runner.swap_bytes() / GiB, 2),
             offload_gib=runner.offloaded_bytes(),
+            offload_ratio=args.ratio,
         )
         if args.system in ESTIMATED_ROWS:
             stage, offload = ESTIMATED_ROWS[args.system]
             result["estimated_peak_gib"] = estimated_peak_gib(args.model, args.layers, result["gpus"], args.micro_batch,
-                                                              args.seq, stage, offload, "recompute")  # fmt: skip
+                                                              args.seq, stage, offload, "recompute",
+                                                              offload_ratio=args.ratio)  # fmt: skip
         print(json.dumps(result), flush=True)
     dist.destroy_process_group()
 
@@ -262,6 +271,8 @@ def main() -> None:
                         help=f"find the largest model that trains (see above) with these placements (default: {LARGEST})")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the model's own)")
     parser.add_argument("--nvme-path", help="directory on a local NVMe drive for swap files")
+    parser.add_argument("--ratio", type=float, default=1.0,
+                        help="offload_optimizer.ratio of a zerokit system: the fraction of the optimizer offloaded")
     parser.add_argument("--deepspeed-wheel", help="import deepspeed from this wheel file")
     parser.add_argument("--host-headroom", type=int, default=16, help="GiB of host memory --largest leaves free")
     parser.add_argument("--largest-tries", type=int, default=4)

@@ -19,6 +19,7 @@ TOP = {"schema", "model", "workload", "hardware", "assumptions", "activations", 
 MODEL = {"name", "parameters", "trainable_parameters", "blocks", "sharding_units"}
 WORKLOAD = {
     "micro_batch", "seq", "dtype", "attention_kernels", "wtacrs_keep_ratio", "chunked_loss_tokens", "keep_last", "alpha",
+    "offload_ratio",
 }  # fmt: skip
 HARDWARE = {"nodes", "gpus_per_node", "world_size", "gpu_memory_bytes", "host_memory_bytes", "nvme_bytes"}
 # offload_buffers: the engine's offload buffer settings, which the offload rows follow
@@ -55,7 +56,7 @@ def test_json_schema_is_stable(capsys) -> None:
     code, out, _ = _run(capsys, "--model", HAND, *ARGS, "--json")
     assert code == 0
     data = json.loads(out)
-    assert data["schema"] == "zerokit.estimate/2"
+    assert data["schema"] == "zerokit.estimate/3"
     assert set(data) == TOP
     assert set(data["model"]) == MODEL and set(data["workload"]) == WORKLOAD and set(data["hardware"]) == HARDWARE
     assert set(data["assumptions"]) == ASSUMPTIONS and set(data["activations"]) == ACTIVATIONS

@@ -24,6 +24,10 @@ def scenarios(nvme: str) -> dict[str, dict]:
         "params_cpu_stage3": {**STAGE3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}},
         "params_nvme_stage3": {**STAGE3, "offload_optimizer": {"device": "nvme", "nvme_path": nvme, "tile_size": 64},
                                "offload_param": {"device": "nvme", "nvme_path": nvme, "max_in_cpu": 0}},
+        # partial offload: the first units step on the GPU while the CPU steps the last ones
+        "ratio05_stage2": {"stage": 2, "offload_optimizer": {"device": "cpu", "tile_size": 64, "ratio": 0.5}},
+        "ratio05_params_cpu_stage3": {**STAGE3, "offload_optimizer": {"device": "cpu", "ratio": 0.5},
+                                      "offload_param": {"device": "cpu"}},
     }  # fmt: skip
 
 
@@ -42,13 +46,16 @@ def _runs(rank: int, nvme: str) -> dict:
     results = {}
     for name, zero in scenarios(nvme).items():
         engine = _engine(zero)
-        group = engine._groups[0]
-        pinned = group.host_grads.buffer.is_pinned()
+        pinned = engine._offloaded_groups[0].host_grads.buffer.is_pinned()
         results[name] = {"overlap": train(engine, rank, WORLD, ACCUMULATION), "pinned": pinned}
         engine.close()
         results[name]["serial"] = train(_engine({**zero, "overlap_comm": False}), rank, WORLD, ACCUMULATION)
     results["bf16"] = train(_engine(scenarios(nvme)["optimizer_cpu_stage2"], {"bf16": {"enabled": True}}),
                             rank, WORLD, ACCUMULATION)  # fmt: skip
+    # overflowing fp16 steps first: one overflow check over gradients on the GPU and in host memory
+    fp16 = {"fp16": {"enabled": True, "initial_scale_power": 20, "loss_scale_window": 2}}  # 6 of 10 skipped
+    results["fp16"] = {name: train(_engine(zero, fp16), rank, WORLD, ACCUMULATION)
+                       for name, zero in (("none", {"stage": 2}), ("ratio05", scenarios(nvme)["ratio05_stage2"]))}
     offloaded = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
     results["memory"] = {"none": _peak({"stage": 2}), "offloaded": _peak(offloaded)}
     return results
@@ -97,6 +104,12 @@ def test_bf16_close_to_fp32(results: list[dict]) -> None:
     fp32 = [sum(v) / WORLD for v in zip(*(r["optimizer_cpu_stage2"]["overlap"][0] for r in results))]
     bf16 = [sum(v) / WORLD for v in zip(*(r["bf16"][0] for r in results))]
     assert bf16 == pytest.approx(fp32, rel=2e-2)
+
+
+def test_fp16_partial_offload_close_to_the_device_alone(results: list[dict]) -> None:
+    for rank_result in results:
+        none, partial = rank_result["fp16"]["none"], rank_result["fp16"]["ratio05"]
+        assert partial[0] == pytest.approx(none[0], abs=1e-3)
 
 
 def test_offload_frees_device_memory(results: list[dict]) -> None:

@@ -161,6 +161,24 @@ def test_offload_placements(result) -> None:
     assert costs == sorted(costs) and len(set(costs)) == 4  # the disk is slower than host memory
 
 
+def test_partial_optimizer_offload() -> None:
+    # offload_ratio 0.5 of 589824 elements: blocks 3 and 2 (262144) come closer to the target than
+    # blocks 3 to 1 (393216); the root and blocks 0-1, used first in forward, keep theirs on the GPU
+    hardware = Hardware(gpus_per_node=GPUS, gpu_memory=80 * 10**9, host_memory=512 * 10**9, nvme=10**12)
+    half = estimate("tests.test_profiler_estimate:hand_model", hardware, Workload(B, S, offload_ratio=0.5))
+    device, offloaded = ROOT + 2 * BLOCK, 2 * BLOCK
+    row, whole = half.find(2, "cpu_optimizer", "recompute"), half.find(2, "none", "recompute")
+    assert row.gpu["master_weights"] == device * FP32 // 2
+    assert row.gpu["optimizer_states"] == 2 * FP32 * device // 2 + 4 * 3  # root and two blocks: 3 pieces per rank
+    on_host = (row.host["master_weights"], row.host["gradients"], row.host["optimizer_states"])
+    assert on_host == (offloaded * FP32 // 2, offloaded * FP32 // 2, 2 * FP32 * offloaded // 2)
+    # the offloaded units' fp32 gradient shards land in host memory, the others' stay on the GPU
+    assert row.gpu["gradients"] == whole.gpu["gradients"] - offloaded * FP32 // 2
+    assert half.to_json()["workload"]["offload_ratio"] == 0.5
+    with pytest.raises(ValueError, match="offload_ratio"):
+        Workload(B, S, offload_ratio=0)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_optimizer_on_nvme_is_the_engines_plan(result, stage: int, tmp_path) -> None:
     # the zero_optimization section of benchmarks/offload_step.py's zerokit-offload-nvme, at each stage

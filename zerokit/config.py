@@ -88,7 +88,9 @@ class OffloadOptimizerConfig:
     # Pinned buffers that carry updated parameters to the device (and gradients being
     # accumulated) while the CPU works on the next tile.
     buffer_count: int = 4
-    # The fraction of the optimizer offloaded; zerokit offloads all of it.
+    # The fraction of this rank's trainable optimizer elements offloaded, by whole sharding units
+    # (ZeRO-Offload++'s Twin-Flow): the units a forward uses last go to the CPU, the first keep
+    # their optimizer on the device. Less CPU work per step for more device memory.
     ratio: float = 1.0
     # zerokit: elements of one optimizer tile, the unit of CPU work, NVMe swapping and upload.
     tile_size: int = 1 << 23
@@ -104,13 +106,25 @@ class OffloadOptimizerConfig:
         _check_offload_device("offload_optimizer", self.device, self.nvme_path)
         _check(self.buffer_count >= 2, "zero_optimization.offload_optimizer.buffer_count", self.buffer_count,
                "an integer >= 2 (one buffer is filled while another is copied)")
-        _check(self.ratio == 1.0, "zero_optimization.offload_optimizer.ratio", self.ratio,
-               "1.0: partial optimizer offload is not implemented, remove the key")
+        _check(0.0 < self.ratio <= 1.0, "zero_optimization.offload_optimizer.ratio", self.ratio,
+               "a fraction in (0, 1]: 1.0 offloads the whole optimizer")
+        if self.ratio < 1.0 and self.device == "none":
+            raise ConfigError(
+                f"zero_optimization.offload_optimizer.ratio={self.ratio!r} but offload_optimizer.device is none; "
+                "ratio applies to optimizer offload: set offload_optimizer.device cpu or nvme, or remove ratio."
+            )
         _check(self.tile_size >= 16, "zero_optimization.offload_optimizer.tile_size", self.tile_size,
                "an integer >= 16 (elements)")
         after = self.delayed_parameter_update_after
         _check(after is None or after >= 0, "zero_optimization.offload_optimizer.delayed_parameter_update_after",
                after, "an optimizer step >= 0, or null for exact updates")
+        if after is not None and self.ratio < 1.0:
+            raise ConfigError(
+                f"zero_optimization.offload_optimizer.delayed_parameter_update_after delays the offloaded units' "
+                f"updates by a step, but ratio={self.ratio!r} steps the other units on the device at once, which would "
+                "mix delayed and current parameters in one model: set ratio 1.0 or remove "
+                "delayed_parameter_update_after."
+            )
 
 
 @dataclass(frozen=True)

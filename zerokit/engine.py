@@ -20,7 +20,7 @@ from zerokit.loss_scaler import LossScaler
 from zerokit.lr_schedules import build_scheduler
 from zerokit.optim import build_optimizer, repoint_optimizer
 from zerokit.zero.collectives import Collectives
-from zerokit.zero.flat_group import ShardingContext
+from zerokit.zero.flat_group import FlatParamGroup, ShardingContext
 from zerokit.zero.materialize import build_unit, check_initializers, move_buffers, shared_seed
 from zerokit.zero.host_optimizer import OffloadedAdam
 from zerokit.zero.memory import GiB, check_fits, check_offload_fits, model_state_bytes
@@ -28,7 +28,7 @@ from zerokit.zero.offload_resources import OffloadResources
 from zerokit.zero.policy import OffloadPolicy, ShardingPolicy
 from zerokit.zero.runtime import ShardingRuntime
 from zerokit.zero.streams import StreamSet
-from zerokit.zero.units import plan_units
+from zerokit.zero.units import in_forward_order, plan_units
 
 logger = logging.getLogger("zerokit")
 
@@ -81,7 +81,11 @@ class Engine:
         )
         any_meta = any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers())
         seed = shared_seed(self._ctx) if any_meta else 0
-        units = [build_unit(model, spec, self._ctx, self._policy, seed + i, i) for i, spec in enumerate(specs)]
+        optimizer_offloaded = offload.optimizer_offloaded([spec.trainable_numel for spec in specs])
+        units = [
+            build_unit(model, spec, self._ctx, self._policy, seed + i, i, optimizer_offloaded[i])
+            for i, spec in enumerate(specs)
+        ]
         move_buffers(model, self.device)
         read_ahead = offload.params.buffer_count if offload.params.device == "nvme" else 0
         self._runtime = ShardingRuntime(units, self._policy, self._ctx.streams, read_ahead)
@@ -89,6 +93,12 @@ class Engine:
         memory = config.activation_memory
         self.activations = apply_activation_memory(model, memory, self.device) if memory is not None else None
         self._groups = [group for unit in units for group in unit.trainable_groups()]
+        # Stepped on the device, as without offload, or by the CPU (in forward order: see below).
+        self._device_groups = [group for group in self._groups if group.host_optimizer is None]
+        self._offloaded_groups = [
+            group for unit in in_forward_order(units) for group in unit.trainable_groups()
+            if group.host_optimizer is not None
+        ]
 
         pieces = {
             id(group.slots[piece.slot_index].param): param
@@ -98,20 +108,19 @@ class Engine:
         if optimizer is not None:
             self.optimizer = repoint_optimizer(optimizer, model.parameters(), pieces)
         else:
-            # Under optimizer offload the optimizer only holds hyper-parameters: build it for the CPU.
-            where = torch.device("cpu") if offload.offloads_optimizer else self.device
+            # With every group offloaded the optimizer only holds hyper-parameters: build it for the CPU.
+            where = torch.device("cpu") if self._offloaded_groups and not self._device_groups else self.device
             self.optimizer = build_optimizer(config.optimizer, [{"params": list(pieces.values())}], where)
-        # Under optimizer offload, `self.optimizer` keeps the param_groups (lr, schedulers,
-        # checkpoints) and the CPU kernel steps: see zero/host_optimizer.py.
+        # `self.optimizer` keeps the param_groups (lr, schedulers, checkpoints) of every piece and
+        # steps the device groups' ones; the CPU kernel steps the offloaded groups' ones, reading
+        # the same param_groups: see zero/host_optimizer.py.
         self._host_adam = None
         if offload.offloads_optimizer:
             # Stepped in forward order: the root unit (embeddings, head) runs first. The NVMe
             # parameter swapper is the training thread's alone, so that case steps on it too.
-            root = units[-1].trainable_groups()
-            ordered = root + [group for group in self._groups if group not in root]
             overlap = offload.optimizer.overlap_step and offload.params.device != "nvme"
             delay = offload.optimizer.delayed_parameter_update_after
-            self._host_adam = OffloadedAdam(self.optimizer, ordered, overlap, delay)
+            self._host_adam = OffloadedAdam(self.optimizer, self._offloaded_groups, overlap, delay)
         # The stepping thread finishes, then swap files go, when the engine does (or at exit).
         self._close_offload = None
         if self._offload is not None:
@@ -173,15 +182,14 @@ class Engine:
         return (self.micro_steps + 1) % self.config.accumulation_steps == 0
 
     def _optimizer_step(self) -> None:
-        offloaded = self._host_adam is not None
-        if offloaded:  # the gradient shards in host memory, once every copy to them has landed
+        """One step over both placements: the device groups' gradient shards (on the device) and
+        the offloaded groups' (in host memory) share the overflow check and the clipping norm."""
+        if self._offloaded_groups:  # the gradient shards in host memory, once every copy to them has landed
             with profiler.phase("offload"):
-                for group in self._groups:
+                for group in self._offloaded_groups:
                     group.host_grads.settle()
-            landed = [group for group in self._groups if group.host_grads.reductions]
-            grads = [group.host_grads.buffer for group in landed]
-        else:
-            grads = [group.grad_shard for group in self._groups if group.grad_shard is not None]
+        landed = [group for group in self._groups if group.reduced_grad() is not None]
+        grads = [group.reduced_grad() for group in landed]
         if self.loss_scaler is not None and self.loss_scaler.unscale_and_check(grads, self._comm, self.device):
             self.skipped_steps += 1
             for group in self._groups:
@@ -189,40 +197,43 @@ class Engine:
             return
         coefficient = None
         if self.config.gradient_clipping > 0:
-            # Norms taken on the device as the shards were reduced spare the host a pass over them
-            # (only valid when each shard is one reduction, and not while fp16 grads were scaled).
-            norms = [group.host_grads.device_norm for group in landed] if offloaded else None
-            if norms is not None and (self.loss_scaler is not None or any(n is None for n in norms)):
-                norms = None
-            self.grad_norm, coefficient = self._clip_coefficient(grads, self.config.gradient_clipping, norms)
-        if offloaded:
+            self.grad_norm, coefficient = self._clip_coefficient(landed, self.config.gradient_clipping)
+        # The device's step first: its kernels run while the CPU steps the offloaded groups.
+        if self._device_groups:
+            self._step_on_device(coefficient)
+        if self._host_adam is not None:
             with profiler.phase("offload"):
                 self._host_adam.step(None if coefficient is None else coefficient.item(), self.global_step)
-            for group in self._groups:
+            for group in self._offloaded_groups:
                 group.release_grads()
-        else:
-            if coefficient is not None:
-                torch._foreach_mul_(grads, coefficient)  # as clip_grads_with_norm_, on the shards themselves
-            for group in self._groups:
-                group.attach_grads()
-            self.optimizer.step()
-            for group in self._groups:
-                group.release_grads()
-            self._runtime.refresh_parameters()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
 
-    def _clip_coefficient(
-        self, grads: list[torch.Tensor], max_norm: float, norms: Optional[list[torch.Tensor]] = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global norm over all shards (from `grads`, or from per-shard `norms`) and the
-        coefficient torch.nn.utils.clip_grad_norm_ would scale gradients by."""
-        if norms:
-            total = torch.linalg.vector_norm(torch.stack(norms))
-        elif grads:
-            total = torch.nn.utils.get_total_norm(grads)
-        else:
-            total = torch.zeros((), device=self.device)
+    def _step_on_device(self, coefficient: Optional[torch.Tensor]) -> None:
+        """`self.optimizer` over the device groups' pieces: only those get a .grad, so only those
+        step (torch.optim skips pieces without one, the offloaded groups' among them)."""
+        if coefficient is not None:  # as clip_grads_with_norm_, on the shards themselves
+            torch._foreach_mul_([g.grad_shard for g in self._device_groups if g.grad_shard is not None], coefficient)
+        for group in self._device_groups:
+            group.attach_grads()
+        self.optimizer.step()
+        for group in self._device_groups:
+            group.release_grads()
+        self._runtime.refresh_parameters()
+
+    def _clip_coefficient(self, landed: list[FlatParamGroup], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global norm over the gradient shards of the groups that `landed` (on the device or
+        in host memory) and the coefficient torch.nn.utils.clip_grad_norm_ would scale them by."""
+        # Norms taken on the device as host shards were reduced spare the host a pass over them
+        # (only valid when each shard is one reduction, and not while fp16 grads were scaled). A
+        # shard's norm is a scalar whose own norm is itself: it stands in for the shard.
+        offloaded = [group.host_grads for group in landed if group.host_grads is not None]
+        use_norms = self.loss_scaler is None and all(host.device_norm is not None for host in offloaded)
+        shards = [
+            group.host_grads.device_norm if use_norms and group.host_grads is not None else group.reduced_grad()
+            for group in landed
+        ]
+        total = torch.nn.utils.get_total_norm(shards) if shards else torch.zeros((), device=self.device)
         squares = total.square().to(self.device)
         if self._ctx.num_shards > 1:
             self._comm.all_reduce(squares)
@@ -334,6 +345,8 @@ class Engine:
                 advice.insert(0, f"raise zero_optimization.stage to {stage + 1}")
             if stage >= 1 and self._host_adam is None:
                 advice.append("offload the optimizer (zero_optimization.offload_optimizer.device cpu)")
+            elif self._host_adam is not None and self._device_groups:
+                advice.append("offload more of the optimizer (raise zero_optimization.offload_optimizer.ratio)")
             if self._policy.shard_parameters:
                 advice.append("lower stage3_prefetch_bucket_size")
             raise torch.OutOfMemoryError(

@@ -1,6 +1,7 @@
 """Dynamic loss scaling for fp16, with DeepSpeed's knobs and semantics."""
 from __future__ import annotations
 
+import collections
 import logging
 
 import torch
@@ -22,11 +23,7 @@ class LossScaler:
 
     def unscale_and_check(self, grads: list[torch.Tensor], comm: Collectives, device: torch.device) -> bool:
         """Divide gradients by the scale; True if any rank saw inf/nan (then the step is skipped)."""
-        if not grads:
-            found = torch.zeros(1, device=device)
-        else:
-            # On the device for the all-reduce, wherever the gradients are (host memory under offload).
-            found = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float().reshape(1).to(device)
+        found = _any_nonfinite(grads, device)
         comm.all_reduce(found, op=dist.ReduceOp.MAX)
         overflow = bool(found.item())
         if not overflow:
@@ -59,3 +56,14 @@ class LossScaler:
         self.scale = state["scale"]
         self._good_steps = state["good_steps"]
         self._hysteresis_left = state["hysteresis_left"]
+
+
+def _any_nonfinite(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """1.0 if any gradient holds inf or nan, else 0.0, shape (1,), on `device` for the all-reduce,
+    wherever the gradients are (host memory under offload, both under partial offload): one
+    check per device they live on."""
+    flags: dict[torch.device, list[torch.Tensor]] = collections.defaultdict(list)
+    for grad in grads:
+        flags[grad.device].append((~torch.isfinite(grad)).any())
+    found = [torch.stack(on_device).any().to(device) for on_device in flags.values()]
+    return torch.stack(found).any().float().reshape(1) if found else torch.zeros(1, device=device)

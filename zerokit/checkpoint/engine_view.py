@@ -115,25 +115,19 @@ class EngineView:
                 self.optimizer_group_of[info.name] = optimized[id(piece)]
             self.entries.append(ShardEntry(info.name, group, index, owned[0], owned[1], piece, piece_index))
 
-    @property
-    def offloads_optimizer(self) -> bool:
-        return self.engine._host_adam is not None
-
     def load_optimizer_state_dict(self, state_dict: dict) -> None:
         """Load a torch optimizer state_dict over this rank's pieces (numbered as the optimizer's
-        param_groups list them): into the optimizer itself, or, under optimizer offload, the
-        hyper-parameters into it and each piece's state into the offloaded store."""
+        param_groups list them): the hyper-parameters, and the states of pieces stepped on the
+        device, into the optimizer itself; under optimizer offload each offloaded piece's state
+        into the offloaded store."""
         optimizer = self.engine.optimizer
-        if not self.offloads_optimizer:
-            optimizer.load_state_dict(state_dict)
-            return
-        optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         entry_of = {id(e.optimizer_param): e for e in self.entries if e.optimizer_param is not None}
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        for index, param in enumerate(params):
-            entry = entry_of.get(id(param))
-            if entry is not None:
-                entry.load_optimizer_state(state_dict["state"].get(index, {}))
+        entries = [entry_of.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+        offloaded = {i: e for i, e in enumerate(entries) if e is not None and e.group.host_optimizer is not None}
+        on_device = {index: state for index, state in state_dict["state"].items() if index not in offloaded}
+        optimizer.load_state_dict({"state": on_device, "param_groups": state_dict["param_groups"]})
+        for index, entry in offloaded.items():
+            entry.load_optimizer_state(state_dict["state"].get(index, {}))
 
     @property
     def aliases(self) -> dict[str, str]:

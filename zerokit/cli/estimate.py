@@ -67,6 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="memo's swapped fraction of tokens, in [0, 1] (activation_memory.alpha; default: planned from host "
         "memory)",
     )  # fmt: skip
+    parser.add_argument(
+        "--offload-ratio", type=float, default=1.0, metavar="R",
+        help="the fraction of the optimizer the offload rows offload, in (0, 1] (offload_optimizer.ratio; "
+        "default 1: all of it)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the versioned JSON document instead of tables")
     parser.set_defaults(run=run)
 
@@ -83,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         workload = Workload(
             args.micro_batch, args.seq, DTYPES[args.dtype], args.attention_kernels, args.wtacrs,
             chunked_loss=args.chunked_loss, keep_last=args.keep_last, alpha=args.alpha,
+            offload_ratio=args.offload_ratio,
         )  # fmt: skip
         result = estimate(args.model, hardware, workload)
     except (ModelSourceError, ValueError) as error:
@@ -105,6 +111,8 @@ def format_estimate(result: Estimate) -> str:
         options.append(f"swap and memo keep the last {work.keep_last} blocks")
     if work.alpha is not None:
         options.append(f"memo alpha {work.alpha:g}")
+    if work.offload_ratio < 1:
+        options.append(f"offload rows offload {work.offload_ratio:g} of the optimizer")
     lines = [
         f"{result.model}: {result.parameters / 1e9:.3f} B parameters ({result.trainable_parameters / 1e9:.3f} B "
         f"trainable), {len(result.blocks)} blocks, {result.units} sharding units; micro-batch {work.micro_batch} x "

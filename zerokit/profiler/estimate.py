@@ -8,7 +8,8 @@ indices and weights those layers save instead of their whole inputs. With a chun
 (Workload.chunked_loss) the traced model is wrapped in zerokit.nn.ChunkedLossCausalLM, as a
 training script wraps it, so the trace sees one chunk's logits (recomputed in backward, with
 their gradient) instead of the whole sequence's. The memo and swap rows follow the runtime's
-activation_memory keys keep_last and alpha (Workload.keep_last, Workload.alpha) where given.
+activation_memory keys keep_last and alpha (Workload.keep_last, Workload.alpha) where given, and
+the offload rows offload_optimizer.ratio (Workload.offload_ratio).
 Model states come from the arithmetic the engine itself checks with (zero/memory.py). For each
 configuration the GPU peak is the largest sum, over the step's events, of
 
@@ -18,7 +19,8 @@ configuration the GPU peak is the largest sum, over the step's events, of
 plus a fraction for the caching allocator and a fixed amount outside it. Assumptions, all
 visible in `--json` under "assumptions":
 
-- gradient_accumulation_steps 1, fp32 gradient reduction, AdamW (two fp32 moments), the engine's
+- gradient_accumulation_steps 1, fp32 gradient reduction, AdamW (two fp32 moments; a fused
+  step on the GPU: a foreach step holds one more fp32 temporary as large as what it steps), the engine's
   default bucket sizes; two reductions in flight (the one waited for and the next); under stage 3
   the root unit stays gathered through forward and backward, with the unit in use and one
   prefetched, and the all-gather source (a shard in compute dtype);
@@ -32,8 +34,9 @@ visible in `--json` under "assumptions":
   moments in swap files on NVMe with the reduced gradients in host memory (stage >= 1);
   "nvme_optimizer_cpu_params" also the parameter shards, in host memory (stage 3);
   "nvme" puts masters, moments and parameter shards on NVMe with the gradients in host memory
-  (stage 3, max_in_cpu 0). Host, NVMe and staging bytes are the engine's own plan
-  (zero/memory.py), byte for byte;
+  (stage 3, max_in_cpu 0). With an offload ratio below 1 every offload row keeps the optimizer
+  of the units a forward uses first on the GPU, as the engine places them. Host, NVMe and staging
+  bytes are the engine's own plan (zero/memory.py), byte for byte;
 - swap and memo: the steady state, with the two restore buffers reserved for the blocks'
   backward (memo's first step only plans, restores from its second on; activations.py).
 
@@ -48,7 +51,7 @@ and backward, so that placement ranks after the optimizer alone. Ties go to the 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from numbers import Real
 from typing import Mapping, Optional
@@ -72,7 +75,7 @@ from zerokit.zero.memory import ModelStateBytes, model_state_bytes
 from zerokit.zero.policy import OffloadPolicy, ShardingPolicy
 from zerokit.zero.units import plan_units
 
-SCHEMA = "zerokit.estimate/2"
+SCHEMA = "zerokit.estimate/3"
 STAGES = (0, 1, 2, 3)
 OFFLOADS = ("none", "cpu_optimizer", "cpu_optimizer_params", "nvme_optimizer", "nvme_optimizer_cpu_params", "nvme")
 GPU_CATEGORIES = (
@@ -143,6 +146,8 @@ class Workload:
     # KEEP_LAST blocks kept and alpha planned)
     keep_last: Optional[int] = None
     alpha: Optional[float] = None
+    # offload_optimizer.ratio of the offload rows: the fraction of the optimizer they offload
+    offload_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.seq < 1:
@@ -179,6 +184,13 @@ class Workload:
                     f"--alpha) to plan it; got {alpha!r}"
                 )
             object.__setattr__(self, "alpha", float(alpha))
+        ratio = self.offload_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 < ratio <= 1:
+            raise ValueError(
+                f"offload_ratio (--offload-ratio) must be a number in (0, 1], the fraction of the optimizer the "
+                f"offload rows offload (offload_optimizer.ratio); got {ratio!r}"
+            )
+        object.__setattr__(self, "offload_ratio", float(ratio))
 
     @property
     def blocks_kept(self) -> int:
@@ -275,6 +287,7 @@ class Estimate:
                 "chunked_loss_tokens": self.workload.chunked_loss,
                 "keep_last": self.workload.keep_last,
                 "alpha": self.workload.alpha,
+                "offload_ratio": self.workload.offload_ratio,
             },
             "hardware": {
                 "nodes": self.hardware.nodes,
@@ -287,7 +300,7 @@ class Estimate:
             "assumptions": {
                 "gradient_accumulation_steps": 1,
                 "reduce_dtype": "fp32",
-                "optimizer": "AdamW",
+                "optimizer": "AdamW (fused on the GPU)",
                 "allocator_overhead_fraction": ALLOCATOR_OVERHEAD,
                 "gpu_runtime_bytes": GPU_RUNTIME_BYTES,
                 "host_runtime_bytes_per_rank": HOST_RUNTIME_BYTES,
@@ -345,12 +358,12 @@ def estimate_module(model: torch.nn.Module, name: str, hardware: Hardware, workl
         policy = ShardingPolicy.from_config(ZeroConfig(stage=stage))
         shards = hardware.world_size if stage >= 1 else 1
         states = model_state_bytes(specs, policy, workload.dtype, shards)
-        gradients, reductions = _gradient_timelines(trace, states, reduce_scatter=shards > 1)
         for offload in OFFLOADS:
             placed = states
             if offload != "none" and not _unsupported_reason(stage, offload):
-                placed = model_state_bytes(specs, policy, workload.dtype, shards, offload=OFFLOAD_POLICIES[offload],
-                                           pin=True)  # fmt: skip
+                placement = _with_ratio(OFFLOAD_POLICIES[offload], workload.offload_ratio)
+                placed = model_state_bytes(specs, policy, workload.dtype, shards, offload=placement, pin=True)
+            gradients, reductions = _gradient_timelines(trace, placed, reduce_scatter=shards > 1)
             for activations in POLICIES:
                 configurations.append(
                     _configuration(stage, offload, activations, placed, step, gradients, reductions, hardware)
@@ -367,6 +380,10 @@ def estimate_module(model: torch.nn.Module, name: str, hardware: Hardware, workl
         outside_blocks_saved=sum(s.nbytes for s in trace.saved if s.saved_by == frozenset({OUTSIDE})),
         configurations=tuple(configurations),
     )
+
+
+def _with_ratio(policy: OffloadPolicy, ratio: float) -> OffloadPolicy:
+    return replace(policy, optimizer=replace(policy.optimizer, ratio=ratio))
 
 
 def _with_chunked_loss(model: torch.nn.Module, name: str, chunk_tokens: int) -> ChunkedLossCausalLM:
@@ -411,7 +428,6 @@ class _Placement:
     gpu: dict[str, int]
     host: dict[str, int]
     nvme: dict[str, int]
-    gradients_on_gpu: bool
     communication: int  # stage 3's gathered units, for the whole step
 
 
@@ -428,7 +444,7 @@ def _placement(stage: int, offload: str, states: ModelStateBytes) -> _Placement:
            "optimizer_states": states.optimizer_states}  # fmt: skip
     host = dict(states.offload.host)
     nvme = {name: states.offload.nvme[name] for name in NVME_CATEGORIES}
-    return _Placement(gpu, host, nvme, offload == "none", communication)
+    return _Placement(gpu, host, nvme, communication)
 
 
 def _configuration(
@@ -451,13 +467,12 @@ def _configuration(
     room = hardware.host_memory / hardware.gpus_per_node - host_without_activations
     host_activations, alpha = host_bytes(step.blocks, activations, room, step.keep_last, step.alpha)
     trace, on_gpu = step.trace, step.activations[activations]
-    shards = gradients if place.gradients_on_gpu else [0] * trace.events
-    totals = [a + p + g + r for a, p, g, r in zip(on_gpu, trace.param_grads, shards, reductions)]
+    totals = [a + p + g + r for a, p, g, r in zip(on_gpu, trace.param_grads, gradients, reductions)]
     peak_at = max(range(trace.events), key=totals.__getitem__)
     gpu = {
         "parameters": place.gpu["parameters"],
         "master_weights": place.gpu["master_weights"],
-        "gradients": trace.param_grads[peak_at] + shards[peak_at],
+        "gradients": trace.param_grads[peak_at] + gradients[peak_at],
         "optimizer_states": place.gpu["optimizer_states"],
         "activations": on_gpu[peak_at],
         "communication": place.communication + reductions[peak_at],

@@ -13,7 +13,9 @@ The optimizer never sees the model's parameters: it steps one 1-D "piece" per pa
 part of that parameter inside this rank's fp32 master shard (possibly empty, then omitted).
 
 [Note: offload placement]
-Offload changes where a group keeps its states, not how it gathers, reduces or shards them:
+Offload changes where a group keeps its states, not how it gathers, reduces or shards them
+(under offload_optimizer.ratio < 1 only some trainable groups offload their optimizer; the
+others keep the first column's placement):
 
 | state                | no offload                    | optimizer offload         | parameter offload  |
 |----------------------|-------------------------------|---------------------------|--------------------|
@@ -112,11 +114,14 @@ class FlatParamGroup:
         *,
         trainable: bool,
         keep_gathered: bool,
+        optimizer_offloaded: bool = False,
         key: str = "",
     ):
         """`source` is the fp32 flat buffer holding every parameter's initial value (identical on
         all ranks); the group keeps only what its policy needs and points the parameters at it.
-        `key` names the group's offloaded states (unique within the engine)."""
+        `optimizer_offloaded`: a trainable group's optimizer states live with `ctx.offload` (all
+        groups under optimizer offload, some under ratio < 1: policy.py). `key` names the group's
+        offloaded states (unique within the engine)."""
         self.slots = slots
         self.ctx = ctx
         self.trainable = trainable
@@ -128,7 +133,7 @@ class FlatParamGroup:
 
         compute = ctx.compute_dtype
         offload = ctx.offload
-        offload_optimizer = trainable and offload is not None and offload.policy.offloads_optimizer
+        offload_optimizer = trainable and optimizer_offloaded
         offload_params = not keep_gathered and offload is not None and offload.policy.offloads_params
         # One fp32 buffer may serve as full params, master and gather source at once.
         self.full = source if compute == torch.float32 else source.to(compute)
@@ -229,8 +234,9 @@ class FlatParamGroup:
         return self.master.to(self.ctx.compute_dtype)  # a no-op when the master is in compute dtype
 
     def refresh(self) -> None:
-        """After an optimizer step: make gathered parameters equal the updated master shards."""
-        if not self.trainable:
+        """After an optimizer step on the device: make gathered parameters equal the updated
+        master shards (offloaded optimizers publish theirs instead: open_update)."""
+        if not self.trainable or self.host_optimizer is not None:
             return
         if self.host_params is not None:
             self._store_master_in_host_params()
@@ -346,6 +352,13 @@ class FlatParamGroup:
         copied = self.host_grads.send(outgoing, 1.0 if self.host_grads.reductions == 1 else scale, done)
         # The device buffers are released once the compute stream waited on the copy.
         return PendingReduction((flat, reduced, outgoing), copied.event if streams.enabled else None, self.padded_numel)
+
+    def reduced_grad(self) -> Optional[torch.Tensor]:
+        """This accumulation window's reduced fp32 gradient shard, on the device or (optimizer
+        offload) in host memory; None before the window's first reduction."""
+        if self.host_grads is None:
+            return self.grad_shard
+        return self.host_grads.buffer if self.host_grads.reductions else None
 
     def attach_grads(self) -> None:
         """Point each optimizer piece's .grad at its part of the reduced shard; parameters that

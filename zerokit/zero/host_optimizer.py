@@ -1,25 +1,28 @@
 """ZeRO-Offload's optimizer: Adam/AdamW on the CPU over this rank's shards, tile by tile.
 
 [Note: the offloaded step]
-The fp32 master weights and both Adam moments of each trainable group live in host memory
-(offload_optimizer.device cpu) or in the swap file, one extent per tile and state (nvme). The
-gradient shards are already in pinned host memory (host_gradients.py) when the step begins;
-the kernel multiplies them by clipping's coefficient as it reads them (no pass of its own). For every tile, the native kernel (offload.cpu_adam.adam_step_tile)
-updates master and moments in place and writes the new parameters in compute dtype
-(low_precision_out) into one of offload_optimizer.buffer_count pinned upload buffers, which is
-copied to the device on the to-device stream while the CPU goes on with the next tiles (or, when
-the parameters themselves are offloaded, straight into their host shard). Under nvme the
-swapper reads tile i+1 while tile i is stepped and writes tile i back while tile i+1 is, across
-all groups in one stream. Once a group's last tile is written, the training thread publishes
-it (see OffloadedAdam): all-gathered (gathered groups) or marked as the source of its next
-gather (sharded ones). Collectives stay on the training thread, in the order parameters are
-used, the same on every rank.
+The fp32 master weights and both Adam moments of each offloaded trainable group (every one, or
+under offload_optimizer.ratio < 1 those of the last units in forward order: see [Note: partial
+optimizer offload] in policy.py) live in host memory (offload_optimizer.device cpu) or in the
+swap file, one extent per tile and state (nvme). The gradient shards are already in pinned host
+memory (host_gradients.py) when the step begins; the kernel multiplies them by clipping's
+coefficient as it reads them (no pass of its own). For every tile, the native kernel
+(offload.cpu_adam.adam_step_tile) updates master and moments in place and writes the new
+parameters in compute dtype (low_precision_out) into one of offload_optimizer.buffer_count
+pinned upload buffers, which is copied to the device on the to-device stream while the CPU goes
+on with the next tiles (or, when the parameters themselves are offloaded, straight into their
+host shard). Under nvme the swapper reads tile i+1 while tile i is stepped and writes tile i
+back while tile i+1 is, across all groups in one stream. Once a group's last tile is written,
+the training thread publishes it (see OffloadedAdam): all-gathered (gathered groups) or marked
+as the source of its next gather (sharded ones). Collectives stay on the training thread, in the
+order parameters are used, the same on every rank.
 
 Hyper-parameters are read at every step from the user's optimizer (`engine.optimizer`), whose
 param_groups are re-pointed at this rank's pieces as without offload: learning-rate schedulers,
-per-group lr and weight decay and checkpoints of param_groups work unchanged. Its `state` stays
-empty: each piece's step count and moments live here, with torch's semantics (a piece that got
-no gradient in a window is not stepped, its count does not advance).
+per-group lr and weight decay and checkpoints of param_groups work unchanged. Its `state` holds
+no offloaded piece: each one's step count and moments live here, with torch's semantics (a piece
+that got no gradient in a window is not stepped, its count does not advance). Under partial
+offload the same optimizer steps the device groups' pieces itself, the only ones given a .grad.
 """
 from __future__ import annotations
 

@@ -36,9 +36,11 @@ def shared_seed(ctx: ShardingContext) -> int:
 
 
 def build_unit(
-    model: nn.Module, spec: UnitSpec, ctx: ShardingContext, policy: ShardingPolicy, seed: int, index: int = 0
+    model: nn.Module, spec: UnitSpec, ctx: ShardingContext, policy: ShardingPolicy, seed: int, index: int = 0,
+    optimizer_offloaded: bool = False,
 ) -> ShardedUnit:
-    """The unit's flat groups (trainable, then frozen); `index` names its offloaded states."""
+    """The unit's flat groups (trainable, then frozen); `index` names its offloaded states;
+    `optimizer_offloaded`: the trainable group's optimizer lives with `ctx.offload`."""
     by_kind = {
         trainable: [(name, p) for name, p in spec.params if p.requires_grad == trainable] for trainable in (True, False)
     }
@@ -66,6 +68,7 @@ def build_unit(
 
     groups = [
         FlatParamGroup(slots, shard_numel, source, ctx, trainable=trainable, keep_gathered=keep_gathered,
+                       optimizer_offloaded=optimizer_offloaded,
                        key=f"unit{index}/{'trainable' if trainable else 'frozen'}")
         for trainable, slots, shard_numel, source in plans
     ]  # fmt: skip

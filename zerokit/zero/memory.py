@@ -13,8 +13,10 @@ keeps:
 | fp32 reduced gradients           | shard after the unit's backward         | shard             |
 | optimizer states (Adam-like)     | two fp32 moments per owned element and one fp32 step per piece |  |
 
-With offload (OffloadPolicy) the device keeps only parameters; see `_OffloadTally` for what
-goes to host memory and NVMe, byte for byte as `zerokit.zero.offload_resources` allocates it.
+With optimizer offload (OffloadPolicy) the device keeps only parameters of the units whose
+optimizer is offloaded (all of them, or the last ones under offload_optimizer.ratio < 1, which
+keep the rows above for the others); see `_OffloadTally` for what goes to host memory and NVMe,
+byte for byte as `zerokit.zero.offload_resources` allocates it.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ class UnitStateBytes:
     name: str
     full_bytes: int  # every parameter of the unit gathered, compute dtype, padded
     shard_bytes: int  # this rank's shard of the unit in compute dtype (the all-gather source)
-    gradient_bytes: int  # fp32 reduced gradient shard, held from the unit's backward to the step
+    gradient_bytes: int  # fp32 reduced gradient shard on the device, from the unit's backward to the step
+    # (none when the unit's optimizer is offloaded: its gradients land in host memory)
     reduce_buffer_bytes: int  # the flat buffer of one reduction of the unit, in reduce dtype
     keeps_gathered: bool
     is_root: bool
@@ -130,7 +133,8 @@ def model_state_bytes(
     owned = [0] * num_shards  # trainable elements each rank steps
     pieces = [0] * num_shards  # optimizer pieces (parameters with elements in the shard) per rank
     units = []
-    for spec in specs:
+    optimizer_offloaded = offload.optimizer_offloaded([spec.trainable_numel for spec in specs])
+    for spec, unit_offloads_optimizer in zip(specs, optimizer_offloaded):
         keep = policy.keeps_gathered(sum(p.numel() for _, p in spec.params))
         unit_full = unit_shard = unit_grads = unit_reduce = 0
         for trainable in (True, False):
@@ -142,7 +146,7 @@ def model_state_bytes(
             unit_full += padded * compute
             unit_shard += shard_numel * compute
             params_off = offloaded.params_offloaded(keep)
-            optimizer_off = trainable and offload.offloads_optimizer
+            optimizer_off = trainable and unit_offloads_optimizer
             if keep:
                 parameters += padded * compute
             elif params_off:
@@ -151,11 +155,11 @@ def model_state_bytes(
                 parameters += shard_numel * compute  # the shard the gathers start from
             if trainable:
                 aliased = compute_dtype == torch.float32 and keep
-                unit_grads += shard_numel * FP32_BYTES
                 unit_reduce += padded * reduce
                 if optimizer_off:
                     offloaded.add_optimizer_shard(shard_numel)
                 else:
+                    unit_grads += shard_numel * FP32_BYTES
                     master += 0 if aliased else shard_numel * FP32_BYTES
                     gradients += shard_numel * FP32_BYTES
                     _add_owned([(s.offset, s.numel) for s in slots], shard_numel, owned, pieces)
@@ -181,7 +185,8 @@ class _OffloadTally:
     """What offload adds up, group by group in the engine's order (units in order, each one's
     trainable group before its frozen one):
 
-    - optimizer offload, per trainable group: an fp32 gradient shard in pinned host memory; the
+    - optimizer offload, per trainable group whose optimizer is offloaded (every one, or the last
+      units under offload_optimizer.ratio < 1): an fp32 gradient shard in pinned host memory; the
       fp32 master and two Adam moments over the whole shard in host memory (cpu) or in the swap
       file, one extent per tile and state (nvme);
     - parameter offload, per sharded group: the shard in compute dtype in pinned host memory (cpu,
@@ -191,7 +196,7 @@ class _OffloadTally:
       backward, a pool of buffer_count gradient shards (reduce dtype) being added on the host;
       for parameters on NVMe, a pool of offload_param.buffer_count + 1 shards (those read ahead
       and one being written back);
-    - with the delayed parameter update, per trainable group: a second gradient shard (one is
+    - with the delayed parameter update, per offloaded group: a second gradient shard (one is
       stepped while the other receives) and the updated shard in compute dtype, pinned, until
       it is uploaded at the next step.
     Swap-file extents and pooled buffers are page aligned (offload.raw_memory.aligned_size).
@@ -312,6 +317,8 @@ def check_fits(
         )
         if not offload.offloads_optimizer and stage >= 1:
             advice += ", offload the optimizer (zero_optimization.offload_optimizer.device cpu)"
+        elif offload.optimizer.ratio < 1.0:
+            advice += ", offload more of the optimizer (raise zero_optimization.offload_optimizer.ratio toward 1.0)"
         elif not offload.offloads_params and stage == 3:
             advice += ", offload the parameters (zero_optimization.offload_param.device cpu)"
         raise torch.OutOfMemoryError(

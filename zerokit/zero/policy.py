@@ -10,13 +10,24 @@ The stage only decides three things:
 | 1     | sharded          | reduce-scatter at boundary   | gathered                |
 | 2     | sharded          | reduce-scatter every backward| gathered                |
 | 3     | sharded          | reduce-scatter every backward| sharded (freed)         |
+
+[Note: partial optimizer offload]
+offload_optimizer.ratio < 1 offloads the optimizer of some sharding units only (ZeRO-Offload++'s
+Twin-Flow); the others keep fp32 masters, moments and gradient shards on the device and are
+stepped there, exactly as without offload. The units a forward uses first stay on the device:
+their new parameters are the first the next forward needs, so it starts while the CPU still
+steps the later ones. Units are placed whole, from the last in forward order backwards, until
+the offloaded elements come closest to ratio x all trainable elements (at least one unit). The
+choice depends only on the units' sizes, which every rank shares.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 from zerokit.config import OffloadOptimizerConfig, OffloadParamConfig, ZeroConfig
+from zerokit.zero.units import in_forward_order
 
 
 @dataclass(frozen=True)
@@ -72,3 +83,28 @@ class OffloadPolicy:
     @property
     def active(self) -> bool:
         return self.offloads_optimizer or self.offloads_params
+
+    def optimizer_offloaded(self, trainable_numels: Sequence[int]) -> list[bool]:
+        """Per sharding unit, listed as plan_units lists them and given by its trainable elements:
+        whether its optimizer is offloaded. See [Note: partial optimizer offload]."""
+        if not self.offloads_optimizer:
+            return [False] * len(trainable_numels)
+        forward = in_forward_order(range(len(trainable_numels)))
+        count = offloaded_unit_count([trainable_numels[i] for i in forward], self.optimizer.ratio)
+        offloaded = set(forward[len(forward) - count :])
+        return [index in offloaded for index in range(len(trainable_numels))]
+
+
+def offloaded_unit_count(sizes: Sequence[int], ratio: float) -> int:
+    """How many units, counted back from the last of `sizes` (elements per unit, in forward
+    order), offload their optimizer: the boundary whose offloaded elements come closest to
+    ratio x all of them (a tie offloads more), with at least one unit that has elements."""
+    if not sizes:
+        return 0
+    offloaded = list(itertools.accumulate(reversed(sizes)))  # elements offloaded by the last 1, 2, ... units
+    target = ratio * offloaded[-1]
+    reached = next(count for count, total in enumerate(offloaded, 1) if total >= target)
+    below = offloaded[reached - 2] if reached > 1 else 0
+    if below > 0 and target - below < offloaded[reached - 1] - target:
+        return reached - 1
+    return reached

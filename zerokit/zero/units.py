@@ -8,8 +8,11 @@ units, and every parameter that two units share (tied weights), so no parameter 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence, TypeVar
 
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,10 @@ class UnitSpec:
     # Modules whose own parameters or buffers belong to this unit: these run their initializer
     # when the unit is materialized from the meta device.
     init_modules: tuple[nn.Module, ...]
+
+    @property
+    def trainable_numel(self) -> int:
+        return sum(p.numel() for _, p in self.params if p.requires_grad)
 
 
 def plan_units(model: nn.Module, unit_classes: tuple[str, ...] = ()) -> list[UnitSpec]:
@@ -65,6 +72,13 @@ def plan_units(model: nn.Module, unit_classes: tuple[str, ...] = ()) -> list[Uni
         for i in range(root + 1)
         if params_of[i] or i == root
     ]
+
+
+def in_forward_order(units: Sequence[T]) -> list[T]:
+    """Units listed as plan_units lists them (root last), or what stands for each, in the order a
+    forward first uses them: the root's forward begins first (embeddings), then the units in
+    module order."""
+    return [*units[-1:], *units[:-1]]
 
 
 def _choose_unit_modules(model: nn.Module, unit_classes: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
