@@ -327,6 +327,8 @@ def main() -> None:
     parser.add_argument("--system", required=True, choices=SYSTEMS)
     add_timing_arguments(parser)
     args = parser.parse_args()
+    if not args.activation_memory and (args.alpha is not None or args.keep_last is not None):
+        parser.error("--alpha and --keep-last are settings of --activation-memory: give a policy with them")
 
     dist.init_process_group("nccl")
     rank = dist.get_rank()

@@ -8,10 +8,10 @@ ZeRO-3 on one rank, bf16, micro-batch 1, `activation_memory.policy` as given. Fo
 --iterations iterations, each phase synchronised: forward, backward and optimizer seconds, memory
 allocated after the forward, the forward's and the backward's peaks (GiB), and the pinned host
 allocations so far (torch's host-allocator counters: zerokit's swap space comes from it). Then
-the planned alpha, the restore buffers' size, and per block what it kept, sent to host memory and
-dropped; then one more iteration under the torch profiler, whose top operators by CPU and by CUDA
-time are printed. The first memo iteration plans (alpha, restore offsets) and the second
-allocates the pinned swap space; the ones after are the steady state.
+the planned alpha, the restore buffers' size in the last backward, and per block what it kept,
+sent to host memory and dropped; then one more iteration under the torch profiler, whose top
+operators by CPU and by CUDA time are printed. The first memo iteration plans (alpha, restore
+offsets) and the second allocates the pinned swap space; the ones after are the steady state.
 """
 from __future__ import annotations
 
@@ -69,11 +69,18 @@ def main() -> None:
         stats = torch.cuda.host_memory_stats()
         return {key: stats.get(key) for key in ("num_host_alloc", "num_host_free", "allocated_bytes.current")}
 
+    manager = engine.activations
+    # the buffers are let go at the end of each backward: read their size while the first
+    # decoder layer's weight gradient is computed, the last iteration's being the steady state
+    restore_bytes = []
+    if manager is not None:
+        first_weight = next(model.model.layers[0].parameters())
+        first_weight.register_hook(lambda grad: restore_bytes.append(manager.restore_buffer_bytes()))
     for index in range(args.iterations):
         print(index, step(index), pinned(), flush=True)
-    manager = engine.activations
     if manager is not None:
-        print("alpha", manager.alpha, "restore buffers GiB", round(manager.restore_buffer_bytes() / GiB, 2),
+        restore_gib = round(restore_bytes[-1] / GiB, 2) if restore_bytes else None
+        print("alpha", manager.alpha, "restore buffers GiB", restore_gib,
               dict(manager.restore_counts))  # fmt: skip
         reports = manager.reports()
         for report in reports[:3] + reports[-3:]:

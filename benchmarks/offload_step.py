@@ -10,6 +10,7 @@ the GPU. Every measurement prints one JSON line: llama_step.py's fields plus
     host_gib       resident host memory of the process after the timed steps (psutil)
     disk_gib       bytes of zerokit's swap files
     offload_gib    zerokit's own count of offloaded bytes: {"host": ..., "nvme": ...}
+    offload_ratio  --ratio, the offload_optimizer.ratio of the run (1.0: the whole optimizer)
     estimated_peak_gib  `zerokit estimate`'s allocator peak for the placement (zerokit systems
                    with an estimator row), from the meta-device model after the measurement
 
@@ -283,6 +284,8 @@ def main() -> None:
     if args.deepspeed_wheel:
         use_deepspeed_wheel(args.deepspeed_wheel)
     if args.largest is not None:
+        if args.ratio != 1.0:  # its plans and trials offload the whole optimizer
+            parser.error("--ratio applies to --system runs only: --largest offloads the whole optimizer")
         largest(args)
     elif args.system:
         run_one(args)

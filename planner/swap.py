@@ -3,14 +3,14 @@
 Every swapped layer sends its input (S_in) and attention output (S_attn) to the host in full,
 and a fraction alpha of the tokens of its other skeletal activations (S_oth); the rest is
 recomputed before backward. The copy must hide behind the layer's forward (bandwidth B, time
-T_layer) and all n - 2 swapped layers must fit in host memory M_cpu (the last two layers are
-never swapped):
+T_layer) and all n - k swapped layers must fit in host memory M_cpu (the last k layers are never
+swapped; k = 2 in the paper):
 
     maximise alpha  s.t.  S_in + S_attn + alpha * S_oth <= B * T_layer
-                          (n - 2) * (S_in + S_attn + alpha * S_oth) <= M_cpu
+                          (n - k) * (S_in + S_attn + alpha * S_oth) <= M_cpu
                           0 <= alpha <= 1
 
-whose solution is alpha = clip(min((B T - S_in - S_attn) / S_oth, (M_cpu / (n-2) - S_in - S_attn) / S_oth), 0, 1).
+whose solution is alpha = clip(min((B T - S_in - S_attn) / S_oth, (M_cpu / (n-k) - S_in - S_attn) / S_oth), 0, 1).
 When the mandatory swaps alone break a constraint there is no feasible alpha; both forms then
 return alpha = 0 with ``mandatory_fits`` False, so the caller knows the transfer will stall
 (bandwidth) or cannot be held (host memory).
@@ -43,7 +43,8 @@ _GIB = float(1 << 30)  # LP rows are scaled to GiB so HiGHS sees moderate coeffi
 @dataclass(frozen=True)
 class SwapInputs:
     """Per-layer sizes in bytes, host link bandwidth in bytes/s, one layer's forward time in s,
-    host memory for this rank in bytes, and the number of layers."""
+    host memory for this rank in bytes, the number of layers and how many of the last ones keep
+    their activations (never swapped)."""
 
     bandwidth_bytes_per_s: float
     layer_forward_s: float
@@ -52,6 +53,7 @@ class SwapInputs:
     other_bytes: float
     host_memory_bytes: float
     num_layers: int
+    kept_layers: int = 2
 
     def __post_init__(self) -> None:
         for name in _NUMBERS:
@@ -60,11 +62,13 @@ class SwapInputs:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
             raise ValueError(f"num_layers must be an int >= 1, got {self.num_layers!r}")
+        if isinstance(self.kept_layers, bool) or not isinstance(self.kept_layers, int) or self.kept_layers < 0:
+            raise ValueError(f"kept_layers must be an int >= 0, got {self.kept_layers!r}")
 
     @property
     def swapped_layers(self) -> int:
-        """Layers that swap (all but the last two)."""
-        return max(self.num_layers - 2, 0)
+        """Layers that swap (all but the last kept_layers)."""
+        return max(self.num_layers - self.kept_layers, 0)
 
     @property
     def bandwidth_room(self) -> float:
@@ -80,7 +84,7 @@ class SwapInputs:
 @dataclass(frozen=True)
 class SwapFraction:
     """alpha in [0, 1]; ``limited_by`` names the binding constraint ("bandwidth", "host_memory"),
-    "none" when alpha = 1 with room to spare, or "no_swappable_layers" when n <= 2."""
+    "none" when alpha = 1 with room to spare, or "no_swappable_layers" when n <= k."""
 
     alpha: float
     limited_by: str

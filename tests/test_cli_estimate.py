@@ -11,10 +11,11 @@ from zerokit.profiler.presets import PRESETS
 HAND = "tests.test_profiler_estimate:hand_model"
 ARGS = ["--gpus", "2", "--gpu-memory", "80GB", "--host-memory", "512GB", "--micro-batch", "2", "--seq", "16"]
 
-# The schema's key set: removing or renaming a key is a new schema version (2: assumptions'
-# staging_buffers became offload_buffers); keys are only added within a version
-# (workload.wtacrs_keep_ratio; workload.chunked_loss_tokens, keep_last and alpha; the offloads
-# "nvme_optimizer" and "nvme_optimizer_cpu_params" added rows, not keys).
+# The schema's key set: removing or renaming a key, or changing what a row means, is a new schema
+# version (2: assumptions' staging_buffers became offload_buffers; 3: workload.offload_ratio, with
+# which the offload rows may offload only part of the optimizer); other keys were added within a
+# version (workload.wtacrs_keep_ratio; workload.chunked_loss_tokens, keep_last and alpha; the
+# offloads "nvme_optimizer" and "nvme_optimizer_cpu_params" added rows, not keys).
 TOP = {"schema", "model", "workload", "hardware", "assumptions", "activations", "configurations", "recommended"}
 MODEL = {"name", "parameters", "trainable_parameters", "blocks", "sharding_units"}
 WORKLOAD = {
@@ -84,6 +85,13 @@ def test_json_has_the_optimizer_on_nvme(capsys) -> None:
     assert row["host"]["staging"] > 0 and row["host"]["gradients"] > 0
     costs = data["assumptions"]["costs"]["offload"]
     assert costs["cpu_optimizer"] < costs["cpu_optimizer_params"] < costs["nvme_optimizer"] < costs["nvme"]
+
+
+def test_offload_ratio_reaches_the_workload(capsys) -> None:
+    code, out, _ = _run(capsys, "--model", HAND, *ARGS, "--offload-ratio", "0.5", "--json")
+    assert code == 0 and json.loads(out)["workload"]["offload_ratio"] == 0.5
+    code, out, err = _run(capsys, "--model", HAND, *ARGS, "--offload-ratio", "0")
+    assert code == 2 and out == "" and "offload_ratio" in err
 
 
 def test_table_marks_the_recommendation(capsys) -> None:

@@ -65,6 +65,8 @@ def test_config_is_frozen_and_typed() -> None:
         ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "needs stage 3"),
         ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}, "no nvme_path is set"),
         ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}}, "expected none, cpu or nvme"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"delayed_parameter_update_after": 2}}},
+         "offload_optimizer.device is none"),
         ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 1.3}}},
          "expected a fraction in (0, 1]"),
         ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "buffer_count": 1}}},

@@ -10,20 +10,17 @@
 from __future__ import annotations
 
 import copy
-import gc
 import os
 
 import pytest
 import torch
 
-import zerokit
 from tests.models import AwkwardLM, batches, lm_loss
 from tests.multiprocess import run_world
+from tests.test_offload_engine import ACCUMULATION, CLIPPING, WORLD, train_offloaded
 from tests.test_zero_parity import BATCH, LR, STEPS, reference_run
 from zerokit.config import Config, ConfigError
 
-WORLD = 2
-ACCUMULATION, CLIPPING = 2, 0.5
 DELAY_AFTER = 3
 
 
@@ -68,35 +65,13 @@ def delayed_reference(delay_after: int, device: str = "cpu") -> tuple[list[float
     return losses, {k: v.cpu() for k, v in master.state_dict().items()}
 
 
-def _train(rank: int, zero: dict) -> dict:
-    torch.manual_seed(0)
-    model = AwkwardLM()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    world = int(os.environ["WORLD_SIZE"])
-    config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": ACCUMULATION,
-              "gradient_clipping": CLIPPING, "zero_optimization": zero}  # fmt: skip
-    engine = zerokit.initialize(model, optimizer, config)
-    share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    losses = []
-    for tokens, targets in batches(STEPS * ACCUMULATION, BATCH):
-        loss = lm_loss(engine(tokens[share].to(engine.device)), targets[share].to(engine.device))
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    result = {"losses": losses, "state": engine.full_state_dict(), "breakdown": engine.memory_breakdown()}
-    engine.close()
-    del engine
-    gc.collect()
-    return result
-
-
 def _runs(rank: int, nvme: str, names: tuple[str, ...] = ()) -> dict:
     # The Python CPU Adam follows torch's operation order: the native kernel's fp32 rounding,
     # amplified by delayed steps at lr 1e-2, reaches 1e-5 on this model (exactness of the native
     # kernel is tested in test_offload_cpu_adam.py).
     os.environ["ZEROKIT_PYTHON_OPS"] = "1"  # a fresh process: read when the ops are first loaded
     torch.backends.cuda.matmul.allow_tf32 = False
-    return {name: _train(rank, zero) for name, zero in scenarios(nvme).items() if not names or name in names}
+    return {name: train_offloaded(rank, zero) for name, zero in scenarios(nvme).items() if not names or name in names}
 
 
 @pytest.fixture(scope="module")

@@ -71,9 +71,11 @@ MIXED_PRECISION = {
 }  # fmt: skip
 
 
-def _config(zero: dict) -> dict:
+def offload_config(zero: dict, world: int = WORLD) -> dict:
+    """The training config around a zero_optimization section: a host memory budget wherever
+    something is offloaded."""
     return {
-        "train_micro_batch_size_per_gpu": BATCH // WORLD,
+        "train_micro_batch_size_per_gpu": BATCH // world,
         "gradient_accumulation_steps": ACCUMULATION,
         "gradient_clipping": CLIPPING,
         "zero_optimization": {**zero, "host_memory_budget": BUDGET} if "offload_optimizer" in zero
@@ -92,12 +94,14 @@ def _swap_files(engine: zerokit.Engine) -> dict[str, tuple[int, str]]:
     return files
 
 
-def _train(rank: int, zero: dict, precision: dict | None = None) -> dict:
+def train_offloaded(rank: int, zero: dict, precision: dict | None = None) -> dict:
+    """STEPS optimizer steps of AwkwardLM on this rank's share of each batch, inside run_world."""
     torch.manual_seed(0)
     model = AwkwardLM()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    engine = zerokit.initialize(model, optimizer, {**_config(zero), **(precision or {})})
-    share = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    world = int(os.environ["WORLD_SIZE"])  # run_world's: fewer ranks than WORLD where GPUs are few
+    engine = zerokit.initialize(model, optimizer, {**offload_config(zero, world), **(precision or {})})
+    share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     losses, host_peak, swap_history = [], 0, []
     for index, (tokens, targets) in enumerate(batches(STEPS * ACCUMULATION, BATCH)):
         loss = lm_loss(engine(tokens[share].to(engine.device)), targets[share].to(engine.device))
@@ -134,7 +138,7 @@ def _runs(rank: int, nvme: str) -> dict:
     if rank == 0:
         with open(keep, "w") as handle:
             handle.write("mine")
-    results = {name: _train(rank, zero) for name, zero in {**BASELINES, **scenarios(nvme)}.items()}
+    results = {name: train_offloaded(rank, zero) for name, zero in {**BASELINES, **scenarios(nvme)}.items()}
     results["user_file_kept"] = os.path.exists(keep)
     results["nvme_left"] = sorted(n for n in os.listdir(nvme) if n != "user_file.txt")
     return results
@@ -145,7 +149,7 @@ def _runs_with_python_ops(rank: int, nvme: str) -> dict:
     results = _runs(rank, nvme)
     for name, (zero, precision) in MIXED_PRECISION.items():
         baseline = {key: value for key, value in zero.items() if not key.startswith("offload")}
-        results[name] = (_train(rank, zero, precision), _train(rank, baseline, precision))
+        results[name] = (train_offloaded(rank, zero, precision), train_offloaded(rank, baseline, precision))
     return results
 
 
@@ -206,7 +210,7 @@ def test_offload_path_is_exact(exact_world: list[dict], name: str) -> None:
 
 def _plan(name: str, nvme: str, rank: int):
     torch.manual_seed(0)
-    config = Config.load(_config(scenarios(nvme)[name]))
+    config = Config.load(offload_config(scenarios(nvme)[name]))
     zero = config.zero_optimization
     specs = plan_units(AwkwardLM(), zero.shard_unit_classes)
     return model_state_bytes(specs, ShardingPolicy.from_config(zero), torch.float32, WORLD, rank, torch.float32,

@@ -18,7 +18,7 @@ import torch
 from tests.models import AwkwardLM
 from tests.multiprocess import run_world
 from tests.test_checkpoint_training import SAVED_AT, assert_resharded, make_engine, resume, save_reference, train
-from tests.test_offload_engine import ACCUMULATION, BUDGET, CLIPPING, STAGE3, WORLD, _config, _train
+from tests.test_offload_engine import ACCUMULATION, BUDGET, CLIPPING, STAGE3, WORLD, offload_config, train_offloaded
 from tests.test_zero_parity import STEPS, reference_run
 from zerokit.config import Config, ConfigError
 from zerokit.zero.flat_group import layout
@@ -97,13 +97,13 @@ def test_the_units_a_forward_uses_first_keep_their_optimizer_on_the_device() -> 
 
 
 def _runs(rank: int, nvme: str) -> dict:
-    return {name: _train(rank, zero) for name, zero in scenarios(nvme).items()}
+    return {name: train_offloaded(rank, zero) for name, zero in scenarios(nvme).items()}
 
 
 def _exact_runs(rank: int) -> dict:
     os.environ["ZEROKIT_PYTHON_OPS"] = "1"  # a fresh process: read when the ops are first loaded
     return {
-        name: (_train(rank, zero, precision), _train(rank, baseline, precision))
+        name: (train_offloaded(rank, zero, precision), train_offloaded(rank, baseline, precision))
         for name, (zero, baseline, precision) in EXACT.items()
     }
 
@@ -139,13 +139,14 @@ def test_partial_offload_path_is_exact() -> None:
             assert result["losses"] == baseline["losses"] and result["skipped"] == baseline["skipped"], name
             for key, expected in baseline["state"].items():
                 assert torch.equal(result["state"][key], expected), f"{name}: {key}"
+        assert rank_results["fp16_ratio05_stage3"][0]["skipped"] > 0  # the overflow path ran
 
 
 # -- memory -----------------------------------------------------------------------------------------
 
 
 def _plan(zero: dict, rank: int):
-    config = Config.load(_config(zero)).zero_optimization
+    config = Config.load(offload_config(zero)).zero_optimization
     return model_state_bytes(plan_units(AwkwardLM()), ShardingPolicy.from_config(config), torch.float32, WORLD, rank,
                              torch.float32, OffloadPolicy.from_config(config), ACCUMULATION, pin=False)  # fmt: skip
 

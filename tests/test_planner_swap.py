@@ -52,6 +52,16 @@ def test_clipped_at_zero_when_mandatory_swaps_overrun():
         assert result.alpha == 0.0 and result.limited_by == "host_memory" and not result.mandatory_fits
 
 
+def test_kept_layers_are_not_swapped():
+    # 6 of 10 layers swapped (4 kept) may hold 8/6 as much each: 40 MB mandatory + 47% of 100 MB
+    for result in both(inputs(host_memory_bytes=8 * 65 * MB, kept_layers=4)):
+        assert result.alpha == pytest.approx((8 * 65 / 6 - 40) / 100)
+    for result in both(inputs(num_layers=8, kept_layers=0, host_memory_bytes=8 * 65 * MB)):
+        assert result.alpha == pytest.approx(0.25)  # the same 8 swapped layers as 10 with the default 2 kept
+    with pytest.raises(ValueError, match="kept_layers"):
+        inputs(kept_layers=-1)
+
+
 def test_no_swappable_layers():
     for layers in (1, 2):
         for result in both(inputs(num_layers=layers)):

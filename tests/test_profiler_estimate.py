@@ -181,6 +181,7 @@ def test_partial_optimizer_offload() -> None:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_optimizer_on_nvme_is_the_engines_plan(result, stage: int, tmp_path) -> None:
+    # the wiring: the estimator places what the engine plans for this config (arithmetic: test_offload_placements)
     # the zero_optimization section of benchmarks/offload_step.py's zerokit-offload-nvme, at each stage
     zero = Config.load({"zero_optimization": {"stage": stage, "offload_optimizer": {
         "device": "nvme", "nvme_path": str(tmp_path)}}}).zero_optimization  # fmt: skip
@@ -197,6 +198,7 @@ def test_optimizer_on_nvme_is_the_engines_plan(result, stage: int, tmp_path) -> 
 
 
 def test_optimizer_on_nvme_with_parameters_in_host_memory_is_the_engines_plan(result, tmp_path) -> None:
+    # the wiring: the estimator places what the engine plans for this config (arithmetic: test_offload_placements)
     # benchmarks/offload_step.py's zerokit-offload-nvme-cpu-params
     zero = Config.load({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": str(
         tmp_path)}, "offload_param": {"device": "cpu"}}}).zero_optimization  # fmt: skip

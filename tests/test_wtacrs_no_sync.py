@@ -2,8 +2,10 @@
 
 On the meta device tensors have shapes but no data, so everything that would read device values
 on the host (.item(), .tolist(), nonzero, a boolean mask, a data-dependent shape, a copy to the
-host) raises there: a forward and backward that run through on meta read none. On CUDA, the
-sync debug mode must stay silent through a forward and backward with the gradient-norm cache.
+host) raises there: a forward and backward that run through on meta read none. The cache skips
+recording ∇Z norms of meta tensors (they have no values), so their copy to the host is checked
+only on CUDA, where the sync debug mode must stay silent through a forward and backward with the
+gradient-norm cache.
 """
 import pytest
 import torch
@@ -46,7 +48,7 @@ def test_forward_and_backward_read_no_device_values(dtype):
     x = torch.randn(shape, dtype=dtype, device="meta", requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        _step(layers, x, [1, 3])  # reads the cache, samples, and records ∇Z norms: all on meta
+        _step(layers, x, [1, 3])  # reads the cache, samples and computes ∇Z norms on meta (recording skips meta)
     kept_indices = [t for t in saved if t.dtype == torch.int64]
     assert len(kept_indices) == 2 and kept_indices[0] is kept_indices[1]  # one shared sample
     assert kept_indices[0].is_meta and kept_indices[0].numel() == row_budget(0.3, 2 * 2048)

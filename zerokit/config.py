@@ -88,14 +88,15 @@ class OffloadOptimizerConfig:
     # Pinned buffers that carry updated parameters to the device (and gradients being
     # accumulated) while the CPU works on the next tile.
     buffer_count: int = 4
-    # The fraction of this rank's trainable optimizer elements offloaded, by whole sharding units
+    # The fraction of the model's trainable optimizer elements offloaded, by whole sharding units
     # (ZeRO-Offload++'s Twin-Flow): the units a forward uses last go to the CPU, the first keep
     # their optimizer on the device. Less CPU work per step for more device memory.
     ratio: float = 1.0
     # zerokit: elements of one optimizer tile, the unit of CPU work, NVMe swapping and upload.
     tile_size: int = 1 << 23
     # zerokit: step on a background thread, units in forward order, so the next forward starts
-    # at once and each unit waits only for its own parameters. Results are identical.
+    # at once and each unit waits only for the parameters it gathers (its own, and under stage 3
+    # those it prefetches). Results are identical.
     overlap_step: bool = True
     # zerokit: ZeRO-Offload's one-step delayed parameter update from this optimizer step on
     # (null: never). Forward and backward then run on the parameters of the step before while
@@ -118,6 +119,12 @@ class OffloadOptimizerConfig:
         after = self.delayed_parameter_update_after
         _check(after is None or after >= 0, "zero_optimization.offload_optimizer.delayed_parameter_update_after",
                after, "an optimizer step >= 0, or null for exact updates")
+        if after is not None and self.device == "none":
+            raise ConfigError(
+                "zero_optimization.offload_optimizer.delayed_parameter_update_after delays the CPU's optimizer "
+                "step, but offload_optimizer.device is none: set device cpu or nvme, or remove "
+                "delayed_parameter_update_after."
+            )
         if after is not None and self.ratio < 1.0:
             raise ConfigError(
                 f"zero_optimization.offload_optimizer.delayed_parameter_update_after delays the offloaded units' "

@@ -184,7 +184,8 @@ class Engine:
     def _optimizer_step(self) -> None:
         """One step over both placements: the device groups' gradient shards (on the device) and
         the offloaded groups' (in host memory) share the overflow check and the clipping norm."""
-        if self._offloaded_groups:  # the gradient shards in host memory, once every copy to them has landed
+        offloaded = self._host_adam is not None
+        if offloaded:  # the gradient shards in host memory, once every copy to them has landed
             with profiler.phase("offload"):
                 for group in self._offloaded_groups:
                     group.host_grads.settle()
@@ -198,22 +199,25 @@ class Engine:
         coefficient = None
         if self.config.gradient_clipping > 0:
             self.grad_norm, coefficient = self._clip_coefficient(landed, self.config.gradient_clipping)
-        # The device's step first: its kernels run while the CPU steps the offloaded groups.
+        # Read before the device's step is queued (.item() waits for the stream): the device's
+        # kernels then run while the CPU steps the offloaded groups.
+        host_coefficient = None if coefficient is None or not offloaded else coefficient.item()
         if self._device_groups:
-            self._step_on_device(coefficient)
-        if self._host_adam is not None:
+            self._step_on_device([group.grad_shard for group in landed if group.host_grads is None], coefficient)
+        if offloaded:
             with profiler.phase("offload"):
-                self._host_adam.step(None if coefficient is None else coefficient.item(), self.global_step)
+                self._host_adam.step(host_coefficient, self.global_step)
             for group in self._offloaded_groups:
                 group.release_grads()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
 
-    def _step_on_device(self, coefficient: Optional[torch.Tensor]) -> None:
-        """`self.optimizer` over the device groups' pieces: only those get a .grad, so only those
-        step (torch.optim skips pieces without one, the offloaded groups' among them)."""
-        if coefficient is not None:  # as clip_grads_with_norm_, on the shards themselves
-            torch._foreach_mul_([g.grad_shard for g in self._device_groups if g.grad_shard is not None], coefficient)
+    def _step_on_device(self, grads: list[torch.Tensor], coefficient: Optional[torch.Tensor]) -> None:
+        """`self.optimizer` over the device groups' pieces, `grads` their reduced shards: only those
+        get a .grad, so only those step (torch.optim skips pieces without one, the offloaded
+        groups' among them)."""
+        if coefficient is not None and grads:  # as clip_grads_with_norm_, on the shards themselves
+            torch._foreach_mul_(grads, coefficient)
         for group in self._device_groups:
             group.attach_grads()
         self.optimizer.step()

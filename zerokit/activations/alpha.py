@@ -53,7 +53,8 @@ def plan_alpha(
             attention_bytes=sizes.attention_bytes + sizes.whole_bytes,
             other_bytes=sizes.token_bytes,
             host_memory_bytes=budget,
-            num_layers=swapped_blocks + 2,  # swap_fraction leaves the last two unswapped
+            num_layers=swapped_blocks,
+            kept_layers=0,  # only the swapped blocks are counted
         )
     )
     return AlphaPlan(fraction.alpha, fraction, forward_s, bandwidth, budget, sizes)

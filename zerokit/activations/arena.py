@@ -50,12 +50,9 @@ class RestoreArena:
         return plan
 
     def reserve(self, sizes: Sequence[int]) -> None:
-        """Make buffer p hold at least sizes[p] bytes (buffers in use are left as they are)."""
-        for parity, size in enumerate(sizes):
-            buffer = self.buffers[parity]
-            if self.owners[parity] is None and size > 0 and (buffer is None or buffer.numel() < size):
-                self.buffers[parity] = None  # free the old one first
-                self.buffers[parity] = torch.empty(size, dtype=torch.uint8, device=self.device)
+        """Allocate buffer p of sizes[p] bytes (none when 0), once per backward, after clear()."""
+        assert self.buffers == [None, None], "restore buffers reserved twice in one backward"
+        self.buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) if size > 0 else None for size in sizes]
 
     def clear(self) -> None:
         """Let both buffers go (none may be owned): the allocator reuses the memory until the next reserve."""

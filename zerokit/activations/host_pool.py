@@ -25,7 +25,9 @@ from zerokit.activations.tensors import empty_like_layout, is_dense
 class PinnedHostPool:
     def __init__(self, pin: bool):
         self.pin = pin
-        self._lent: dict[tuple, list[tuple[weakref.ref, torch.Tensor]]] = collections.defaultdict(list)
+        # Per layout, the tensors whose owner is gone: an owner's finalizer hands its tensor back.
+        self._free: dict[tuple, list[torch.Tensor]] = collections.defaultdict(list)
+        self._held_bytes = 0
 
     @staticmethod
     def _layout(tensor: torch.Tensor) -> tuple:
@@ -34,17 +36,18 @@ class PinnedHostPool:
     def take(self, like: torch.Tensor, owner: Any) -> torch.Tensor:
         """A host tensor laid out as empty_like_layout(like) would be, lent to `owner` until
         the owner is garbage."""
-        layout = self._layout(like)
-        for index, (holder, host) in enumerate(self._lent[layout]):
-            if holder() is None:
-                self._lent[layout][index] = (weakref.ref(owner), host)
-                return host
-        for each in list(self._lent):
-            self._lent[each] = [(holder, host) for holder, host in self._lent[each] if holder() is not None]
-        lent = self._lent[layout]
-        host = empty_like_layout(like, device="cpu", pin_memory=self.pin)
-        lent.append((weakref.ref(owner), host))
+        free = self._free[self._layout(like)]
+        if free:
+            host = free.pop()
+        else:
+            for tensors in self._free.values():  # the shapes changed: let go of every free tensor
+                self._held_bytes -= sum(host.untyped_storage().nbytes() for host in tensors)
+                tensors.clear()
+            host = empty_like_layout(like, device="cpu", pin_memory=self.pin)
+            self._held_bytes += host.untyped_storage().nbytes()
+        weakref.finalize(owner, free.append, host)
         return host
 
     def nbytes(self) -> int:
-        return sum(host.untyped_storage().nbytes() for lent in self._lent.values() for _, host in lent)
+        """Bytes held: lent and free."""
+        return self._held_bytes

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from zerokit.profiler.activations import KEEP_LAST
 from zerokit.profiler.estimate import (
     DTYPES,
     GPU_CATEGORIES,
@@ -60,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--keep-last", type=int, metavar="N",
         help="blocks at the end that keep their activations under swap and memo (activation_memory.keep_last; "
-        "default 2)",
+        f"default {KEEP_LAST})",
     )  # fmt: skip
     parser.add_argument(
         "--alpha", type=float, metavar="A",

@@ -11,8 +11,9 @@ intervals taken out (or put in) per block b, over the trace's event indices:
   (transients and its output), at their peak.
 - swap (every block's saved storages copied to host memory): the storages only block b saved
   are copied during its forward and leave the GPU when block b+2's forward starts (the runtime
-  waits for a block's copies there), or, for the last two blocks, when backward starts; they
-  come back, before block b+1's backward (prefetch), into one of two restore buffers that live
+  waits for a block's copies there), or, for a swapped block with no block b+2 (one of the last
+  two, swapped only where keep_last < 2), when the blocks' backward starts; they come back,
+  before block b+1's backward (prefetch), into one of two restore buffers that live
   from the start of the blocks' backward to its end, each the size of the largest swapped
   block's restore; the last `keep_last` blocks (default KEEP_LAST) keep theirs.
 - memo (MEMO): as swap; the block input and attention outputs go to host memory whole, a
@@ -185,6 +186,7 @@ def _memo_alpha(blocks: list[BlockActivations], swapped_layers: int, host_bytes_
         attention_bytes=largest.attention,
         other_bytes=largest.other,
         host_memory_bytes=max(host_bytes_per_rank, 0.0),
-        num_layers=swapped_layers + 2,  # swap_fraction counts all but the last two as swapped
+        num_layers=swapped_layers,
+        kept_layers=0,  # only the swapped layers are counted
     )
     return swap_fraction(inputs).alpha

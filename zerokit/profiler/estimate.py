@@ -54,7 +54,7 @@ import copy
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from numbers import Real
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -156,41 +156,43 @@ class Workload:
             raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPES.values()))}, got {self.dtype}")
         if self.attention not in TARGETS:
             raise ValueError(f"attention must be one of {', '.join(TARGETS)}, got {self.attention!r}")
-        keep = self.wtacrs_keep_ratio
-        if keep is not None:
-            if isinstance(keep, bool) or not isinstance(keep, Real) or not 0 < keep <= 1:
-                raise ValueError(
-                    f"wtacrs_keep_ratio (--wtacrs) must be a number in (0, 1], the fraction of input rows the "
-                    f"WTA-CRS layers keep (e.g. 0.3), or None (no --wtacrs) for exact linear layers; got {keep!r}"
-                )
-            object.__setattr__(self, "wtacrs_keep_ratio", float(keep))
-        chunk = self.chunked_loss
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(
-                f"chunked_loss (--chunked-loss) must be a whole number of tokens per chunk >= 1 (e.g. 8192), or None "
-                f"(no --chunked-loss) for the model's own loss; got {chunk!r}"
-            )
-        keep_last = self.keep_last
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0):
-            raise ValueError(
-                f"keep_last (--keep-last) must be a whole number of blocks >= 0 that keep their activations under "
-                f"swap and memo, or None (no --keep-last) for the default {KEEP_LAST}; got {keep_last!r}"
-            )
-        alpha = self.alpha
-        if alpha is not None:
-            if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0 <= alpha <= 1:
-                raise ValueError(
-                    f"alpha (--alpha) must be a number in [0, 1], memo's swapped fraction of tokens, or None (no "
-                    f"--alpha) to plan it; got {alpha!r}"
-                )
-            object.__setattr__(self, "alpha", float(alpha))
-        ratio = self.offload_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 < ratio <= 1:
-            raise ValueError(
-                f"offload_ratio (--offload-ratio) must be a number in (0, 1], the fraction of the optimizer the "
-                f"offload rows offload (offload_optimizer.ratio); got {ratio!r}"
-            )
-        object.__setattr__(self, "offload_ratio", float(ratio))
+
+        def check(name: str, kind: type, in_range: Callable[[Real], bool], message: str, optional: bool = True) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, kind) or not in_range(value):
+                raise ValueError(f"{message}; got {value!r}")
+
+        check(
+            "wtacrs_keep_ratio", Real, lambda keep: 0 < keep <= 1,
+            "wtacrs_keep_ratio (--wtacrs) must be a number in (0, 1], the fraction of input rows the WTA-CRS layers "
+            "keep (e.g. 0.3), or None (no --wtacrs) for exact linear layers",
+        )  # fmt: skip
+        check(
+            "chunked_loss", int, lambda chunk: chunk >= 1,
+            "chunked_loss (--chunked-loss) must be a whole number of tokens per chunk >= 1 (e.g. 8192), or None "
+            "(no --chunked-loss) for the model's own loss",
+        )  # fmt: skip
+        check(
+            "keep_last", int, lambda keep_last: keep_last >= 0,
+            "keep_last (--keep-last) must be a whole number of blocks >= 0 that keep their activations under swap "
+            f"and memo, or None (no --keep-last) for the default {KEEP_LAST}",
+        )  # fmt: skip
+        check(
+            "alpha", Real, lambda alpha: 0 <= alpha <= 1,
+            "alpha (--alpha) must be a number in [0, 1], memo's swapped fraction of tokens, or None (no --alpha) to "
+            "plan it",
+        )  # fmt: skip
+        check(
+            "offload_ratio", Real, lambda ratio: 0 < ratio <= 1,
+            "offload_ratio (--offload-ratio) must be a number in (0, 1], the fraction of the optimizer the offload "
+            "rows offload (offload_optimizer.ratio)",
+            optional=False,
+        )  # fmt: skip
+        for name in ("wtacrs_keep_ratio", "alpha", "offload_ratio"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def blocks_kept(self) -> int:
@@ -352,15 +354,19 @@ def estimate_module(model: torch.nn.Module, name: str, hardware: Hardware, workl
         trace = trace_step(model, specs, workload.micro_batch, workload.seq, workload.attention)
     blocks = block_activations(trace)
     timelines = {policy: gpu_timeline(trace, blocks, policy, workload.blocks_kept) for policy in POLICIES}
-    step = _Step(trace, blocks, timelines, workload.blocks_kept, workload.alpha)
+    step = _Step(trace, blocks, timelines, workload)
     configurations = []
     for stage in STAGES:
         policy = ShardingPolicy.from_config(ZeroConfig(stage=stage))
         shards = hardware.world_size if stage >= 1 else 1
         states = model_state_bytes(specs, policy, workload.dtype, shards)
         for offload in OFFLOADS:
+            reason = _unsupported_reason(stage, offload)
+            if reason:
+                configurations += (_unsupported(stage, offload, activations, reason) for activations in POLICIES)
+                continue
             placed = states
-            if offload != "none" and not _unsupported_reason(stage, offload):
+            if offload != "none":
                 placement = _with_ratio(OFFLOAD_POLICIES[offload], workload.offload_ratio)
                 placed = model_state_bytes(specs, policy, workload.dtype, shards, offload=placement, pin=True)
             gradients, reductions = _gradient_timelines(trace, placed, reduce_scatter=shards > 1)
@@ -403,10 +409,14 @@ def _with_chunked_loss(model: torch.nn.Module, name: str, chunk_tokens: int) -> 
 
 
 def _unsupported_reason(stage: int, offload: str) -> str:
-    if offload in ("cpu_optimizer", "nvme_optimizer") and stage == 0:
-        return "offloading the optimizer needs sharded optimizer states: stage 1 or higher"
-    if offload in ("cpu_optimizer_params", "nvme_optimizer_cpu_params", "nvme") and stage < 3:
+    """Why ZeroConfig rejects `offload` under `stage` (its checks, in its order), or "" where it accepts it."""
+    policy = OFFLOAD_POLICIES.get(offload)
+    if policy is None:
+        return ""
+    if policy.offloads_params and stage < 3:
         return f"{offload} offloads parameter shards, which exist only under stage 3"
+    if policy.offloads_optimizer and stage == 0:
+        return "offloading the optimizer needs sharded optimizer states: stage 1 or higher"
     return ""
 
 
@@ -417,8 +427,7 @@ class _Step:
     trace: StepTrace
     blocks: list[BlockActivations]
     activations: dict[str, tuple[int, ...]]  # GPU timeline per activation policy
-    keep_last: int  # blocks that keep their activations under swap and memo
-    alpha: Optional[float]  # memo's, given; None plans it
+    workload: Workload  # its blocks_kept and alpha, for swap's and memo's host memory
 
 
 @dataclass(frozen=True)
@@ -447,6 +456,16 @@ def _placement(stage: int, offload: str, states: ModelStateBytes) -> _Placement:
     return _Placement(gpu, host, nvme, communication)
 
 
+def _cost(stage: int, offload: str, activations: str) -> float:
+    return COSTS["stage"][stage] * COSTS["offload"][offload] * COSTS["activations"][activations]
+
+
+def _unsupported(stage: int, offload: str, activations: str, reason: str) -> Configuration:
+    zeros = ({k: 0 for k in GPU_CATEGORIES}, {k: 0 for k in HOST_CATEGORIES}, {k: 0 for k in NVME_CATEGORIES})
+    cost = _cost(stage, offload, activations)
+    return Configuration(stage, offload, activations, False, reason, *zeros, 0, False, False, False, cost)
+
+
 def _configuration(
     stage: int,
     offload: str,
@@ -457,15 +476,11 @@ def _configuration(
     reductions: list[int],
     hardware: Hardware,
 ) -> Configuration:
-    cost = COSTS["stage"][stage] * COSTS["offload"][offload] * COSTS["activations"][activations]
-    reason = _unsupported_reason(stage, offload)
-    if reason:
-        zeros = ({k: 0 for k in GPU_CATEGORIES}, {k: 0 for k in HOST_CATEGORIES}, {k: 0 for k in NVME_CATEGORIES})
-        return Configuration(stage, offload, activations, False, reason, *zeros, 0, False, False, False, cost)
+    """A configuration ZeroConfig accepts (see _unsupported for the others)."""
     place = _placement(stage, offload, states)
     host_without_activations = sum(place.host.values()) + HOST_RUNTIME_BYTES
     room = hardware.host_memory / hardware.gpus_per_node - host_without_activations
-    host_activations, alpha = host_bytes(step.blocks, activations, room, step.keep_last, step.alpha)
+    host_activations, alpha = host_bytes(step.blocks, activations, room, step.workload.blocks_kept, step.workload.alpha)
     trace, on_gpu = step.trace, step.activations[activations]
     totals = [a + p + g + r for a, p, g, r in zip(on_gpu, trace.param_grads, gradients, reductions)]
     peak_at = max(range(trace.events), key=totals.__getitem__)
@@ -503,7 +518,7 @@ def _configuration(
         fits_gpu=sum(gpu.values()) <= hardware.gpu_memory,
         fits_host=sum(host.values()) * ranks <= hardware.host_memory,
         fits_nvme=sum(place.nvme.values()) * ranks <= hardware.nvme,
-        relative_cost=round(cost, 4),
+        relative_cost=round(_cost(stage, offload, activations), 4),
         memo_alpha=alpha if activations == "memo" else None,
     )
 

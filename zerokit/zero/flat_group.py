@@ -114,7 +114,7 @@ class FlatParamGroup:
         *,
         trainable: bool,
         keep_gathered: bool,
-        optimizer_offloaded: bool = False,
+        optimizer_offloaded: bool,
         key: str = "",
     ):
         """`source` is the fp32 flat buffer holding every parameter's initial value (identical on

@@ -245,9 +245,8 @@ class GroupUpdate:
 def write_tiles(updates: Sequence[GroupUpdate], coefficient: Optional[float], threads: Optional[int] = None) -> None:
     """Walk the groups' tiles in order: step the pieces of each update with gradients scaled by
     `coefficient`, and write every parameter's new value (the cast master where nothing stepped)
-    into the group's sink; each update's `written` resolves after its last tile."""
-    for update in updates:
-        update.group.host_optimizer.forget_cached_tiles()
+    into the group's sink; each update's `written` resolves after its last tile, or with the
+    error that stopped the walk (the training thread waits on it)."""
     jobs = [(u.group.host_optimizer, i) for u in updates for i in range(len(u.group.host_optimizer.tiles))]
     owners = [u for u in updates for _ in u.group.host_optimizer.tiles]
     sinks: dict[int, Sink] = {}
@@ -265,6 +264,8 @@ def write_tiles(updates: Sequence[GroupUpdate], coefficient: Optional[float], th
             update.written.set_result(sink)
 
     try:
+        for update in updates:
+            update.group.host_optimizer.forget_cached_tiles()
         for_each_tile(jobs, step_tile, write_back=any(u.pieces for u in updates))
     except BaseException as error:
         for update in updates:

@@ -36,8 +36,8 @@ def shared_seed(ctx: ShardingContext) -> int:
 
 
 def build_unit(
-    model: nn.Module, spec: UnitSpec, ctx: ShardingContext, policy: ShardingPolicy, seed: int, index: int = 0,
-    optimizer_offloaded: bool = False,
+    model: nn.Module, spec: UnitSpec, ctx: ShardingContext, policy: ShardingPolicy, seed: int, index: int,
+    optimizer_offloaded: bool,
 ) -> ShardedUnit:
     """The unit's flat groups (trainable, then frozen); `index` names its offloaded states;
     `optimizer_offloaded`: the trainable group's optimizer lives with `ctx.offload`."""

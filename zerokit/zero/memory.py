@@ -317,9 +317,9 @@ def check_fits(
         )
         if not offload.offloads_optimizer and stage >= 1:
             advice += ", offload the optimizer (zero_optimization.offload_optimizer.device cpu)"
-        elif offload.optimizer.ratio < 1.0:
+        elif offload.offloads_optimizer and need.optimizer_states > 0:  # ratio < 1 left part of it on the device
             advice += ", offload more of the optimizer (raise zero_optimization.offload_optimizer.ratio toward 1.0)"
-        elif not offload.offloads_params and stage == 3:
+        if offload.offloads_optimizer and not offload.offloads_params and stage == 3:
             advice += ", offload the parameters (zero_optimization.offload_param.device cpu)"
         raise torch.OutOfMemoryError(
             f"model states need {need.total / GiB:.2f} GiB per rank ({detail} GiB) but {device} has "
