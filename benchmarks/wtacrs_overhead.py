@@ -10,7 +10,8 @@ back and the device is synchronised only around a round of them, so a step that 
 wait for the device costs what it costs in training; each figure is the best round's mean.
 "floor" is the time of the three matmuls the sampled layer must do (forward, ∇H, and ∇W over its
 k rows): the gap between a WTA-CRS time and the floor is the sampling overhead. "sample" is
-keep_rows alone. Prints one JSON line per row.
+keep_rows alone, as the layers call it (on CUDA through the sampler's graphs). Prints one JSON
+line per row.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout; an install wins
 import zerokit.nn as znn  # noqa: E402
 from zerokit.nn.function import keep_rows  # noqa: E402
+from zerokit.nn.sampler_graphs import SamplerGraphs  # noqa: E402
 from zerokit.nn.sampling import row_budget  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> None:
             for keep in args.keep:
                 k = row_budget(keep, args.tokens)
                 floor_s = seconds_per_step(floor_step(x, exact.weight, grad_out, k), **timing)
-                sample_s = seconds_per_step(lambda: keep_rows(x.detach(), keep, 0, None), **timing)
+                sampler = SamplerGraphs()
+                sample_s = seconds_per_step(lambda: keep_rows(x.detach(), keep, 0, None, sampler), **timing)
                 row = {
                     "device": str(device), "tokens": args.tokens, "in": args.in_features, "out": out_features,
                     "dtype": dtype_name, "keep": keep, "exact_ms": round(exact_s * 1e3, 2),

@@ -244,6 +244,17 @@ def test_norm_cache_records_exact_per_token_norms():
         assert cache.nbytes == (3 * 5 * 2 if dataset_size is None else 12 * 5 * 2)
 
 
+def test_norms_recorded_outside_a_backward_pass_wait_for_the_batch_boundary():
+    cache = znn.GradNormCache()
+    slot = cache.new_slot()
+    norms = torch.rand(2, 5) + 0.5
+    cache.record(slot, torch.tensor([3, 8]), norms)  # no backward running: nothing to hook its end
+    assert cache.lookup(slot, torch.tensor([3]), 5) is None
+    cache.commit()
+    expected = norms.flip(0).to(torch.bfloat16).float()
+    assert torch.equal(cache.lookup(slot, torch.tensor([8, 3]), 5), expected)
+
+
 def test_cached_norms_steer_the_sample_and_no_indices_falls_back():
     layer = znn.WTACRSLinear(16, 12, keep_ratio=1 / 3)
     x = torch.randn(1, 15, 16)

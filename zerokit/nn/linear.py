@@ -110,7 +110,7 @@ class WTACRSLinear(nn.Linear):
             if batch is not None:
                 tokens = input.numel() // (input.shape[-1] * len(batch))
                 grad_norms = state.cached_grad_norms(self.cache_slot, batch, tokens, input.device)
-            kept = keep_rows(input, self.keep_ratio, seed, grad_norms)
+            kept = keep_rows(input, self.keep_ratio, seed, grad_norms, state.sampler)
             state.share_rows(given, self.keep_ratio, input.dtype, kept)
         else:
             batch = None  # its norms would never be read: the layer drawing the sample caches its own

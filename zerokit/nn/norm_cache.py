@@ -22,10 +22,12 @@ Writes from backward are staged and applied at the next batch boundary, so withi
 every read (a forward, and a checkpointed recomputation of it) sees the same values.
 
 [Note: no host synchronisation]
-Norms cross between host and device without making the host wait for the device's queue: a
-backward starts each copy to pinned host memory at once and records an event; the next batch
-boundary waits for those events only (the backward's kernels, not the optimizer step queued
-after them). Lookups go to the device from pinned memory, asynchronously.
+Norms cross between host and device without making the host wait for the device's queue: each
+layer's backward only computes its norms on the device; when the backward pass ends, one copy
+of all of them to pinned host memory starts and records an event (a layer at a time, the copies
+cost more host time than the layers' matmuls). The next batch boundary waits for that event only
+(the backward's kernels, not the optimizer step queued after them). Lookups go to the device
+from pinned memory, asynchronously.
 """
 from __future__ import annotations
 
@@ -37,22 +39,34 @@ from torch import Tensor
 _STORE_DTYPE = torch.bfloat16
 
 
-class _StagedNorms(NamedTuple):
+class _Recorded(NamedTuple):
     slot: int
     indices: Tensor
+    norms: Tensor  # (len(indices), tokens), where the backward computed them
+    stream: Optional[torch.cuda.Stream]  # that computed them (None on the CPU)
+
+
+class _StagedNorms(NamedTuple):
+    recorded: list[tuple[int, Tensor, torch.Size]]  # slot, indices and shape of each part of ``norms``
     norms: Tensor  # on the CPU in _STORE_DTYPE, written once ``copied`` has completed
     copied: Optional[torch.cuda.Event]
 
 
-def _start_copy_to_host(norms: Tensor) -> tuple[Tensor, Optional[torch.cuda.Event]]:
-    """A host copy of ``norms`` in _STORE_DTYPE, and the event after which it is written (None: now)."""
-    norms = norms.detach().to(_STORE_DTYPE)
-    if not norms.is_cuda:
-        return norms.cpu(), None
-    host = torch.empty(norms.shape, dtype=_STORE_DTYPE, pin_memory=True)
-    host.copy_(norms, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(norms.device))
+def _start_copy_to_host(recorded: list[_Recorded]) -> tuple[Tensor, Optional[torch.cuda.Event]]:
+    """A host copy of the recorded norms, flattened, in _STORE_DTYPE, and the event after which it
+    is written (None: now)."""
+    device = recorded[0].norms.device
+    if device.type != "cuda":
+        return torch.cat([r.norms.reshape(-1) for r in recorded]).to("cpu", _STORE_DTYPE), None
+    stream = recorded[0].stream
+    for other in {r.stream for r in recorded} - {stream}:
+        stream.wait_stream(other)
+    with torch.cuda.stream(stream):
+        norms = torch.cat([r.norms.reshape(-1) for r in recorded]).to(_STORE_DTYPE)
+        host = torch.empty(norms.shape, dtype=_STORE_DTYPE, pin_memory=True)
+        host.copy_(norms, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(stream)
     return host, copied
 
 
@@ -72,6 +86,7 @@ class GradNormCache:
         self.dataset_size = dataset_size
         self._slot_count = 0
         self._stores: dict[int, Union[Tensor, dict[int, Tensor]]] = {}
+        self._recorded: list[_Recorded] = []  # by the running backward pass
         self._staged: list[_StagedNorms] = []
 
     def new_slot(self) -> int:
@@ -110,29 +125,47 @@ class GradNormCache:
         """Stage (len(indices), tokens) norms computed in backward; applied by commit()."""
         if norms.is_meta:  # shapes without values: nothing to remember
             return
-        self._staged.append(_StagedNorms(slot, indices, *_start_copy_to_host(norms)))
+        if not self._recorded:
+            try:  # one copy to the host for the whole backward pass, started when it ends
+                torch.autograd.Variable._execution_engine.queue_callback(self._copy_recorded)
+            except RuntimeError:  # not inside a backward pass: commit() copies them
+                pass
+        stream = torch.cuda.current_stream(norms.device) if norms.is_cuda else None
+        self._recorded.append(_Recorded(slot, indices, norms.detach(), stream))
+
+    def _copy_recorded(self) -> None:
+        recorded, self._recorded = self._recorded, []
+        if recorded:
+            parts = [(r.slot, r.indices, r.norms.shape) for r in recorded]
+            self._staged.append(_StagedNorms(parts, *_start_copy_to_host(recorded)))
 
     def commit(self) -> None:
         """Apply staged norms (called at batch boundaries)."""
+        self._copy_recorded()
         staged, self._staged = self._staged, []
-        for slot, indices, norms, copied in staged:
+        for recorded, all_norms, copied in staged:
             if copied is not None:
                 copied.synchronize()
-            if self.dataset_size is None:
-                store = self._stores.setdefault(slot, {})
-                for index, row in zip(indices.tolist(), norms):
-                    store[index] = row.clone()  # own storage: a view would pin the whole batch
-                continue
-            store = self._stores.get(slot)
-            if store is None:
-                store = self._stores[slot] = torch.zeros(self.dataset_size, norms.shape[1], dtype=_STORE_DTYPE)
-            if store.shape[1] != norms.shape[1]:
-                raise ValueError(
-                    f"the gradient-norm cache holds {store.shape[1]} tokens per sample but a batch had "
-                    f"{norms.shape[1]}: with dataset_size set every sample must have the same length "
-                    "(use dataset_size=None for samples of varying length)"
-                )
-            store[indices] = norms
+            parts = all_norms.split([shape.numel() for _, _, shape in recorded])
+            for (slot, indices, shape), norms in zip(recorded, parts):
+                self._store(slot, indices, norms.view(shape))
+
+    def _store(self, slot: int, indices: Tensor, norms: Tensor) -> None:
+        if self.dataset_size is None:
+            store = self._stores.setdefault(slot, {})
+            for index, row in zip(indices.tolist(), norms):
+                store[index] = row.clone()  # own storage: a view would pin the whole batch
+            return
+        store = self._stores.get(slot)
+        if store is None:
+            store = self._stores[slot] = torch.zeros(self.dataset_size, norms.shape[1], dtype=_STORE_DTYPE)
+        if store.shape[1] != norms.shape[1]:
+            raise ValueError(
+                f"the gradient-norm cache holds {store.shape[1]} tokens per sample but a batch had "
+                f"{norms.shape[1]}: with dataset_size set every sample must have the same length "
+                "(use dataset_size=None for samples of varying length)"
+            )
+        store[indices] = norms
 
     @property
     def nbytes(self) -> int:

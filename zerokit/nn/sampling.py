@@ -81,6 +81,17 @@ def sample_rows(mass: Tensor, k: int, generator: Optional[torch.Generator] = Non
     n = mass.numel()
     if mass.dim() != 1 or not 1 <= k <= max(n, 1):
         raise ValueError(f"sample_rows needs a 1-D mass and 1 <= k <= len(mass); got shape {tuple(mass.shape)}, k={k}")
+    return choose_rows(mass, draw_uniforms(k, generator, mass.device))
+
+
+def draw_uniforms(k: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """The k uniform numbers in [0, 1) that choose_rows turns into draws (float64)."""
+    return torch.rand(k, dtype=torch.float64, device=device, generator=generator)
+
+
+def choose_rows(mass: Tensor, uniforms: Tensor) -> RowSample:
+    """sample_rows's choice for given uniforms: k = len(uniforms) slots, no host synchronisation."""
+    n, k = mass.numel(), uniforms.numel()
     device = mass.device
     mass = mass.to(torch.float64)
     positive_rows = (mass > 0).sum()
@@ -99,7 +110,6 @@ def sample_rows(mass: Tensor, k: int, generator: Optional[torch.Generator] = Non
     rest_total = cdf[-1]
 
     # Inverse-CDF draws below P_R: a zero-mass row has an empty interval and is never drawn.
-    uniforms = torch.rand(k, dtype=torch.float64, device=device, generator=generator)
     targets = torch.minimum(uniforms * rest_total, torch.nextafter(rest_total, rest_total.new_zeros(())))
     drawn = torch.searchsorted(cdf, targets, right=True).clamp_(max=n - 1)  # n only when P_R = 0 (unused)
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from zerokit.nn.function import KeptRows, row_norms
 from zerokit.nn.norm_cache import GradNormCache, to_device
+from zerokit.nn.sampler_graphs import SamplerGraphs
 
 logger = logging.getLogger("zerokit")
 
@@ -46,10 +47,11 @@ class SamplingState:
         # Samples of live input tensors, so layers reading one input in one forward save one
         # sample of it; emptied by every backward, so no sample serves two gradient estimates.
         self._shared: dict[tuple[int, float, torch.dtype], tuple[weakref.ref, int, KeptRows]] = {}
+        self.sampler = SamplerGraphs()
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()  # per-batch entries (weak references included) are not kept
-        state["_lookups"], state["_shared"] = {}, {}
+        state = self.__dict__.copy()  # per-batch entries (weak references included) and graphs are not kept
+        state["_lookups"], state["_shared"], state["sampler"] = {}, {}, SamplerGraphs()
         return state
 
     @property
