@@ -17,7 +17,7 @@ here=$(dirname "$0")
 python3 -m pytest -q tests/test_zero_gpu.py tests/test_checkpoint_gpu.py tests/test_activations_gpu.py \
   tests/test_offload_gpu.py tests/test_offload_copy_engine.py tests/test_offload_pinned_pool.py \
   tests/test_wtacrs_linear.py tests/test_nn_chunked_loss.py tests/test_offload_delayed_update.py \
-  tests/test_wtacrs_no_sync.py 2>&1 | tail -15
+  tests/test_wtacrs_no_sync.py tests/test_wtacrs_sampler_graphs.py 2>&1 | tail -15
 timeout 420 python3 "$here/compare.py" --gpus 2 --out "$out/zero.jsonl" \
   --systems zerokit-1 zerokit-2 zerokit-3 fsdp2 ddp deepspeed-1 deepspeed-2 deepspeed-3
 timeout 300 python3 "$here/compare.py" --gpus 2 --out "$out/memo.jsonl" --systems zerokit-3 \
@@ -31,4 +31,4 @@ timeout 120 python3 "$here/offload_io.py" --nvme-path "$disk" --nvme-bytes 1GiB 
 for system in zerokit-none zerokit-offload-cpu zerokit-offload-cpu-params deepspeed-2-offload-cpu; do
   timeout 300 python3 "$here/offload_step.py" --system "$system" --model 2.7b >> "$out/offload.jsonl"
 done
-timeout 240 python3 "$here/wtacrs_memory.py" --out "$out" --loss-steps 150
+timeout 600 python3 "$here/wtacrs_memory.py" --out "$out" --loss-steps 150 --steps 10 --rounds 3

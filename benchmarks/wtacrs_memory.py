@@ -8,7 +8,8 @@ step minus what is allocated between steps (model and optimizer states); beside 
 estimate`'s figures for the same run (estimated_activation_gib and estimated_peak_gib, from the
 meta-device model, no GPU). Then micro-batches grow until one runs out of memory. Finally exact
 and the first sampled ratio train `--loss-steps` steps on real text (the Python standard
-library's source, as bytes) and their loss curves are plotted.
+library's source, as bytes) and their loss curves are plotted. With --rounds R every ratio is
+measured R times, in interleaved order and a fresh process each time, and tok/s is the median.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -76,8 +78,10 @@ def measure(args, keep: float, device: torch.device) -> dict:
     torch.cuda.synchronize()
     step_time = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated(device)
-    largest = args.micro_batch
+    largest = args.micro_batch if not args.skip_largest else None
     for micro_batch in range(args.micro_batch + args.batch_increment, 10 * args.micro_batch, args.batch_increment):
+        if args.skip_largest:
+            break
         try:
             train_step(engine, *data.batch(micro_batch))
             torch.cuda.synchronize()
@@ -142,9 +146,10 @@ def plot(curves: dict[str, list[float]], path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
-def _measure_in_subprocess(keep: float) -> dict:
+def _measure_in_subprocess(keep: float, skip_largest: bool) -> dict:
     """Each keep ratio in its own process: nothing of one run's memory can inflate the next one's peak."""
     command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--measure-only", str(keep)]
+    command += ["--skip-largest"] if skip_largest else []
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -156,11 +161,13 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--batch-increment", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1, help="measure every ratio this many times, interleaved")
     parser.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.3, 0.1])
     parser.add_argument("--loss-steps", type=int, default=200)
     parser.add_argument("--out", default=".")
     parser.add_argument("--plot-only", help="only plot this wtacrs_losses.json into --out")
     parser.add_argument("--measure-only", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-largest", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plot_only:
         with open(args.plot_only) as handle:
@@ -173,7 +180,13 @@ def main() -> None:
     if args.measure_only is not None:  # one measurement in this fresh process
         print(json.dumps(measure(args, args.measure_only, device)), flush=True)
         return
-    results = [_measure_in_subprocess(keep) for keep in args.keep]
+    # Rounds interleave the ratios, so a drift of the machine's speed reaches each of them alike;
+    # tok/s is the median over rounds (the memory figures do not vary between rounds).
+    rounds = [[_measure_in_subprocess(keep, skip_largest=r > 0) for keep in args.keep] for r in range(args.rounds)]
+    results = rounds[0]
+    for k, result in enumerate(results):
+        result["tok_s_rounds"] = [round_[k]["tok_s"] for round_ in rounds]
+        result["tok_s"] = round(statistics.median(result["tok_s_rounds"]))
     for result in results:  # after every measurement, on the meta device
         result.update(estimated(args, result["keep"]))
     for result in results:

@@ -68,3 +68,26 @@ def test_keep_rows_with_graphs_keeps_the_eager_rows(dtype):
         graphed = keep_rows(x, 0.3, seed, grad_norms, sampler)
         eager = keep_rows(x, 0.3, seed, grad_norms)
         assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_sampling_beside_its_matmul_saves_its_input_rows(dtype):
+    import zerokit.nn as znn
+
+    torch.manual_seed(0)
+    layer = znn.WTACRSLinear(1024, 512, bias=False, device="cuda", dtype=dtype, keep_ratio=0.3)
+    for _ in range(3):
+        x = torch.randn(4, 1024, 1024, device="cuda", dtype=dtype, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = layer(x * 2)  # a temporary input, freed once the forward returns
+        torch.randn(64 << 20, device="cuda")  # reuses freed memory, if any was freed too early
+        rows, indices, weights = [t for t in saved if t is not layer.weight]
+        assert torch.equal(rows, (x.detach() * 2).reshape(-1, 1024).index_select(0, indices))
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        grad_rows = grad.reshape(-1, 512).index_select(0, indices).float()
+        expected = (grad_rows * weights.unsqueeze(1)).t() @ rows.float()
+        assert (layer.weight.grad.float() - expected).norm() <= 1e-2 * expected.norm()
+        layer.weight.grad = None

@@ -81,6 +81,7 @@ class WTACRSLinearFunction(torch.autograd.Function):
     W is saved as given (the parameter itself outside autocast), never copied, so a parameter
     whose storage is freed after forward and gathered again before backward works.
     ``observe_backward`` receives the exact ∇Z rows in backward (for the gradient-norm cache).
+    ``join``, when given, waits for ``kept`` being drawn on a side stream (see SamplingState.beside).
     """
 
     @staticmethod
@@ -91,11 +92,15 @@ class WTACRSLinearFunction(torch.autograd.Function):
         bias: Optional[Tensor],
         kept: KeptRows,
         observe_backward: Optional[BackwardObserver],
+        join: Optional[Callable[[], None]] = None,
     ) -> Tensor:
         ctx.input_shape = input.shape
         ctx.observe_backward = observe_backward
+        output = F.linear(input, weight, bias)
+        if join is not None:
+            join()  # ``kept`` is being drawn on a side stream: wait for it before anything reads it
         ctx.save_for_backward(weight, *kept)
-        return F.linear(input, weight, bias)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -112,4 +117,4 @@ class WTACRSLinearFunction(torch.autograd.Function):
             grad_bias = grad_rows.sum(0)
         if ctx.observe_backward is not None:
             ctx.observe_backward(grad_rows)
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None

@@ -105,17 +105,19 @@ class WTACRSLinear(nn.Linear):
             return F.linear(input, weight, bias)
         batch = state.batch_for(self.cache_slot, input) if input.numel() else None
         kept = state.shared_rows(given, self.keep_ratio, input.dtype)
+        join = None
         if kept is None:
             grad_norms = None
             if batch is not None:
                 tokens = input.numel() // (input.shape[-1] * len(batch))
                 grad_norms = state.cached_grad_norms(self.cache_slot, batch, tokens, input.device)
-            kept = keep_rows(input, self.keep_ratio, seed, grad_norms, state.sampler)
+            with state.beside(input.device) as join:  # the sampler's small kernels overlap the matmul
+                kept = keep_rows(input, self.keep_ratio, seed, grad_norms, state.sampler)
             state.share_rows(given, self.keep_ratio, input.dtype, kept)
         else:
             batch = None  # its norms would never be read: the layer drawing the sample caches its own
         observe_backward = functools.partial(state.observe_backward, self.cache_slot, batch)
-        return WTACRSLinearFunction.apply(input, weight, bias, kept, observe_backward)
+        return WTACRSLinearFunction.apply(input, weight, bias, kept, observe_backward, join)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, keep_ratio={self.keep_ratio}"

@@ -70,13 +70,6 @@ def _start_copy_to_host(recorded: list[_Recorded]) -> tuple[Tensor, Optional[tor
     return host, copied
 
 
-def to_device(norms: Tensor, device: torch.device) -> Tensor:
-    """``norms`` (on the CPU) on ``device``, without waiting for the device's queue."""
-    if device.type != "cuda":
-        return norms.to(device)
-    return norms.pin_memory().to(device, non_blocking=True)  # pinned: the copy is asynchronous
-
-
 class GradNormCache:
     """Per-layer, per-sample, per-token ‖∇Z‖ from the last time each sample was seen."""
 
@@ -101,11 +94,13 @@ class GradNormCache:
                 f"{self.dataset_size}; pass the data set's length as dataset_size (or None for a growing cache)"
             )
 
-    def lookup(self, slot: int, indices: Tensor, tokens: int) -> Optional[Tensor]:
-        """(len(indices), tokens) float32 norms on the CPU, 0 where unknown; None if the slot is empty."""
+    def lookup(self, slot: int, indices: Tensor, tokens: int, pinned: bool = False) -> Optional[Tensor]:
+        """(len(indices), tokens) norms on the CPU in the store's bfloat16, 0 where unknown; None if
+        the slot is empty. ``pinned``: in pinned memory, ready for an asynchronous copy to a GPU."""
         store = self._stores.get(slot)
         if store is None:
             return None
+        out = torch.empty(len(indices), tokens, dtype=_STORE_DTYPE, pin_memory=pinned)
         if isinstance(store, Tensor):
             if store.shape[1] != tokens:
                 raise ValueError(
@@ -113,13 +108,15 @@ class GradNormCache:
                     "with dataset_size set every sample must have the same length (use dataset_size=None for "
                     "samples of varying length)"
                 )
-            return store.index_select(0, indices).to(torch.float32)
-        rows = torch.zeros(len(indices), tokens, dtype=torch.float32)
-        for row, index in enumerate(indices.tolist()):
+            return torch.index_select(store, 0, indices, out=out)
+        unknown = None
+        rows = []
+        for index in indices.tolist():
             norms = store.get(index)
-            if norms is not None and norms.numel() == tokens:  # another length: treat as unseen
-                rows[row] = norms
-        return rows
+            if norms is None or norms.numel() != tokens:  # another length: treat as unseen
+                norms = unknown = torch.zeros(tokens, dtype=_STORE_DTYPE) if unknown is None else unknown
+            rows.append(norms)
+        return torch.stack(rows, out=out)
 
     def record(self, slot: int, indices: Tensor, norms: Tensor) -> None:
         """Stage (len(indices), tokens) norms computed in backward; applied by commit()."""

@@ -13,16 +13,18 @@
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import weakref
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from zerokit.nn.function import KeptRows, row_norms
-from zerokit.nn.norm_cache import GradNormCache, to_device
+from zerokit.nn.norm_cache import GradNormCache
 from zerokit.nn.sampler_graphs import SamplerGraphs
 
 logger = logging.getLogger("zerokit")
@@ -48,11 +50,32 @@ class SamplingState:
         # sample of it; emptied by every backward, so no sample serves two gradient estimates.
         self._shared: dict[tuple[int, float, torch.dtype], tuple[weakref.ref, int, KeptRows]] = {}
         self.sampler = SamplerGraphs()
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()  # per-batch entries (weak references included) and graphs are not kept
-        state["_lookups"], state["_shared"], state["sampler"] = {}, {}, SamplerGraphs()
+        state = self.__dict__.copy()  # per-batch entries (weak references included), graphs and streams are not kept
+        state["_lookups"], state["_shared"], state["sampler"], state["_side_streams"] = {}, {}, SamplerGraphs(), {}
         return state
+
+    @contextlib.contextmanager
+    def beside(self, device: torch.device) -> Iterator[Optional[Callable[[], None]]]:
+        """Run the block's work on a side stream (CUDA), after what the current stream has queued.
+
+        Yields join, which makes the current stream wait for that work (None off CUDA: the work
+        ran in line). A layer samples beside its own matmul and joins before it saves the sample,
+        so everything later in the current stream (a copy of saved tensors to the host included)
+        sees it complete, and the memory it read is not reused before it is done.
+        """
+        if device.type != "cuda":
+            yield None
+            return
+        stream = self._side_streams.get(device)
+        if stream is None:
+            stream = self._side_streams[device] = torch.cuda.Stream(device)
+        current = torch.cuda.current_stream(device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            yield functools.partial(current.wait_stream, stream)
 
     @property
     def batch_indices(self) -> Optional[Tensor]:
@@ -92,14 +115,14 @@ class SamplingState:
         return None
 
     def cached_grad_norms(self, slot: int, indices: Tensor, tokens: int, device: torch.device) -> Optional[Tensor]:
-        """Per-row cached ‖∇Z‖ (flattened, float32, on ``device``; 0 = unknown), or None if none cached.
+        """Per-row cached ‖∇Z‖ (flattened, bfloat16, on ``device``; 0 = unknown), or None if none cached.
 
         Looked up once per batch, so a checkpointed recomputation sees what its forward saw.
         """
         key = (slot, tokens, device)
         if key not in self._lookups:
-            norms = self.cache.lookup(slot, indices, tokens)
-            self._lookups[key] = None if norms is None else to_device(norms.reshape(-1), device)
+            norms = self.cache.lookup(slot, indices, tokens, pinned=device.type == "cuda")
+            self._lookups[key] = None if norms is None else norms.reshape(-1).to(device, non_blocking=True)
         return self._lookups[key]
 
     def observe_backward(self, slot: int, indices: Optional[Tensor], grad_rows: Tensor) -> None:
