@@ -92,7 +92,7 @@ class WTACRSLinearFunction(torch.autograd.Function):
         bias: Optional[Tensor],
         kept: KeptRows,
         observe_backward: Optional[BackwardObserver],
-        join: Optional[Callable[[], None]] = None,
+        join: Optional[Callable[[], None]],
     ) -> Tensor:
         ctx.input_shape = input.shape
         ctx.observe_backward = observe_backward

@@ -123,7 +123,7 @@ class GradNormCache:
         if norms.is_meta:  # shapes without values: nothing to remember
             return
         if not self._recorded:
-            try:  # one copy to the host for the whole backward pass, started when it ends
+            try:  # one copy to the host for the whole backward pass, started when it ends (as FSDP hooks it)
                 torch.autograd.Variable._execution_engine.queue_callback(self._copy_recorded)
             except RuntimeError:  # not inside a backward pass: commit() copies them
                 pass

@@ -1,6 +1,6 @@
 """The row sampler replayed as one CUDA graph per shape.
 
-Sampling one layer's rows (sampling_mass, then choose_rows) is some thirty small kernels on a
+Sampling one layer's rows (sampling_mass, then choose_rows) is some fifty small kernels on a
 few thousand numbers. Launched one by one from Python they cost more host time than the layer's
 matmuls take on the GPU, and a training step becomes bound by the host. Captured once per
 (stream, rows, budget, with or without cached norms) and replayed, they are one launch. The
@@ -24,6 +24,7 @@ GRAPHS_KEPT = 16  # shapes seen recently; a run with ever-new shapes still captu
 
 
 def sample_eagerly(input_norms: Tensor, grad_norms: Optional[Tensor], k: int, generator: torch.Generator) -> RowSample:
+    """k rows chosen by WTA-CRS from the rows' input norms and cached ∇Z norms, kernel by kernel."""
     return choose_rows(sampling_mass(input_norms, grad_norms), draw_uniforms(k, generator, input_norms.device))
 
 
