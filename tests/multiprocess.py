@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 import traceback
+from multiprocessing import connection
 from typing import Any, Callable
 
 import torch
@@ -29,13 +31,14 @@ def run_world(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
         ]
         for process in processes:
             process.start()
-        for process in processes:
-            process.join(timeout)
+        stopped_early = _wait_for_all_or_a_failure(processes, timeout)
         failures = []
         for rank, process in enumerate(processes):
             if process.is_alive():
                 process.kill()
-                failures.append(f"rank {rank} timed out after {timeout}s")
+                process.join()
+                failures.append(f"rank {rank} stopped: another rank failed" if stopped_early
+                                else f"rank {rank} timed out after {timeout}s")  # fmt: skip
             elif process.exitcode != 0:
                 error_file = os.path.join(folder, f"{rank}.err")
                 detail = open(error_file).read() if os.path.exists(error_file) else f"exit code {process.exitcode}"
@@ -43,6 +46,19 @@ def run_world(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: 
         if failures:
             raise AssertionError("\n".join(failures))
         return [torch.load(os.path.join(folder, f"{rank}.pt"), weights_only=False) for rank in range(world_size)]
+
+
+def _wait_for_all_or_a_failure(processes: list, timeout: float) -> bool:
+    """Wait until every process has exited, one has failed (True: the others would wait for it in a
+    collective until their own timeout), or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    running = list(processes)
+    while running and time.monotonic() < deadline:
+        connection.wait([p.sentinel for p in running], deadline - time.monotonic())
+        running = [p for p in running if p.exitcode is None]
+        if running and any(p.exitcode not in (None, 0) for p in processes):
+            return True
+    return False
 
 
 def _worker(fn, rank, world_size, port, folder, args) -> None:
