@@ -103,3 +103,16 @@ def test_zero3_training_matches_plain_hugging_face() -> None:
     ranks = run_world(_train_zero3, 2)
     for step in range(3):
         assert [ranks[0][step], ranks[1][step]] == pytest.approx(expected[step], abs=1e-5)
+
+
+def test_models_that_transform_their_logits_are_refused() -> None:
+    config = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, vocab_size=VOCAB)  # fmt: skip
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0"):
+        ChunkedLossCausalLM(transformers.Gemma2ForCausalLM(config))  # its logits are soft-capped
+    llama = _llama()
+    llama.config.logits_scaling = 1.0  # Granite's divisor at its neutral value changes nothing
+    ChunkedLossCausalLM(llama)
+    llama.config.logits_scaling = 4.0
+    with pytest.raises(ValueError, match=r"logits_scaling=4\.0"):
+        ChunkedLossCausalLM(llama)

@@ -14,6 +14,10 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # Hugging Face's label for "no loss here"
 
+# Config fields with which a Hugging Face causal LM transforms its logits after the head (Gemma-2's
+# soft-capping, Cohere's scale, Granite's divisor), and the value that leaves them unchanged.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
 
 def chunked_cross_entropy(
     hidden: torch.Tensor,
@@ -60,6 +64,15 @@ class ChunkedLossCausalLM(nn.Module):
 
     def __init__(self, lm: nn.Module, chunk_tokens: int = 8192):
         super().__init__()
+        config = getattr(lm, "config", None)
+        for field, neutral in LOGIT_TRANSFORMS.items():
+            value = getattr(config, field, neutral)
+            if value != neutral:
+                raise ValueError(
+                    f"this model's config sets {field}={value!r}: its forward transforms the logits after the output "
+                    "head, and the chunked loss (the head's matmul only) would train on other logits. Train it "
+                    "without ChunkedLossCausalLM (no --chunked-loss)."
+                )
         self.lm = lm
         self.chunk_tokens = chunk_tokens
 
