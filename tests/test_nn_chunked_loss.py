@@ -83,7 +83,8 @@ def _train_zero3(rank: int) -> list[float]:
                                 {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
     losses = []
     for step in range(3):
-        loss = engine(input_ids=_tokens(step)[rank : rank + 1], labels=_tokens(step)[rank : rank + 1])
+        tokens = _tokens(step)[rank : rank + 1].to(engine.device)
+        loss = engine(input_ids=tokens, labels=tokens)
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
