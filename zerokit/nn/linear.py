@@ -103,10 +103,10 @@ class WTACRSLinear(nn.Linear):
         seed = state.draw_seed()
         if not torch.is_grad_enabled() or _saved_by_its_producer(input):
             return F.linear(input, weight, bias)
-        batch = state.batch_for(self.cache_slot, input) if input.numel() else None
         kept = state.shared_rows(given, self.keep_ratio, input.dtype)
-        join = None
+        batch = join = None  # a layer reusing a sample caches no norms: only the one drawing it reads them
         if kept is None:
+            batch = state.batch_for(self.cache_slot, input) if input.numel() else None
             grad_norms = None
             if batch is not None:
                 tokens = input.numel() // (input.shape[-1] * len(batch))
@@ -114,8 +114,6 @@ class WTACRSLinear(nn.Linear):
             with state.beside(input.device) as join:  # the sampler's small kernels overlap the matmul
                 kept = keep_rows(input, self.keep_ratio, seed, grad_norms, state.sampler)
             state.share_rows(given, self.keep_ratio, input.dtype, kept)
-        else:
-            batch = None  # its norms would never be read: the layer drawing the sample caches its own
         observe_backward = functools.partial(state.observe_backward, self.cache_slot, batch)
         return WTACRSLinearFunction.apply(input, weight, bias, kept, observe_backward, join)
 
