@@ -5,7 +5,7 @@
 - the delayed parameter update (ZeRO-Offload's DPU) equals a plain PyTorch loop in which the
   model that runs forward and backward gets the master weights one step late, from a given step
   on, with gradient accumulation and clipping; it is really delayed (differs from exact);
-- its second gradient shard and staging shard are counted in host memory;
+- its second gradient shard (taken at start-up) and staging shard are counted in host memory;
 - contradictory settings are refused when the config is read."""
 from __future__ import annotations
 
@@ -122,6 +122,9 @@ def test_delayed_update_counts_its_host_buffers(world: list[dict]) -> None:
     exact, delayed = world[0]["exact_overlapped"]["breakdown"], world[0]["delayed_stage2"]["breakdown"]
     assert delayed["host_gradients"] == 2 * exact["host_gradients"]
     assert delayed["host_staging"] > exact["host_staging"]
+    # Both gradient shards are taken at start-up, where the memory plan counts them.
+    at_start = {name: world[0][name]["breakdown_at_start"] for name in ("exact_overlapped", "delayed_stage2")}
+    assert at_start["delayed_stage2"]["host_gradients"] == 2 * at_start["exact_overlapped"]["host_gradients"] > 0
 
 
 @pytest.mark.parametrize(

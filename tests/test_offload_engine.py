@@ -101,6 +101,7 @@ def train_offloaded(rank: int, zero: dict, precision: dict | None = None) -> dic
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     world = int(os.environ["WORLD_SIZE"])  # run_world's: fewer ranks than WORLD where GPUs are few
     engine = zerokit.initialize(model, optimizer, {**offload_config(zero, world), **(precision or {})})
+    breakdown_at_start = engine.memory_breakdown()
     share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     losses, host_peak, swap_history = [], 0, []
     for index, (tokens, targets) in enumerate(batches(STEPS * ACCUMULATION, BATCH)):
@@ -117,6 +118,7 @@ def train_offloaded(rank: int, zero: dict, precision: dict | None = None) -> dic
         "state": engine.full_state_dict(),
         "steps": engine.global_step,
         "breakdown": engine.memory_breakdown(),
+        "breakdown_at_start": breakdown_at_start,
         "host_peak": host_peak,
         "swap_history": swap_history,
         "swap_directories": engine.swap_directories(),

@@ -43,7 +43,9 @@ class SamplerGraphs:
         self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
         self._broken = False  # a capture failed: sample eagerly from then on
 
-    def sample(self, input_norms: Tensor, grad_norms: Optional[Tensor], k: int, generator: torch.Generator) -> RowSample:
+    def sample(
+        self, input_norms: Tensor, grad_norms: Optional[Tensor], k: int, generator: torch.Generator
+    ) -> RowSample:
         device = input_norms.device
         if device.type != "cuda" or self._broken or torch.cuda.is_current_stream_capturing():
             return sample_eagerly(input_norms, grad_norms, k, generator)

@@ -29,9 +29,11 @@ if TYPE_CHECKING:
 class HostGradients:
     def __init__(self, numel: int, resources: "OffloadResources"):
         self.resources = resources
-        self.buffer = resources.host_tensor(numel, torch.float32, "gradients", resources.pin_optimizer,
-                                            "gradient shard")  # fmt: skip
-        self._spare: Optional[torch.Tensor] = None  # the second shard, allocated by the first rotation
+        self.buffer = self._new_shard(numel, "gradient shard")
+        # The delayed parameter update steps one shard while the next window fills the other; both
+        # are taken here, so host memory runs out (if it does) at start-up, where the plan counts them.
+        delayed = resources.policy.optimizer.delayed_parameter_update_after is not None
+        self._spare = self._new_shard(numel, "second gradient shard") if delayed else None
         self.reductions = 0  # reductions of the current accumulation window sent here
         # The shard's 2-norm, computed on the device while it was the window's only reduction.
         self.device_norm: Optional[torch.Tensor] = None
@@ -80,11 +82,12 @@ class HostGradients:
                 self.buffer.add_(staged, alpha=scale)
                 self.resources.gradient_pool.release(raw)
 
+    def _new_shard(self, numel: int, label: str) -> torch.Tensor:
+        return self.resources.host_tensor(numel, torch.float32, "gradients", self.resources.pin_optimizer, label)
+
     def rotate(self) -> None:
         """Receive the next window's gradients in the other shard (this one is being stepped)."""
-        if self._spare is None:
-            self._spare = self.resources.host_tensor(self.buffer.numel(), torch.float32, "gradients",
-                                                     self.resources.pin_optimizer, "second gradient shard")  # fmt: skip
+        assert self._spare is not None, "gradient shards rotate only under the delayed parameter update"
         self.buffer, self._spare = self._spare, self.buffer
 
     def clear(self) -> None:
