@@ -176,27 +176,37 @@ def reference() -> tuple[list[float], dict]:
     return reference_run(ACCUMULATION, CLIPPING)
 
 
-@pytest.mark.parametrize("name", list(scenarios("")))
-def test_offload_matches_pytorch(world: dict, reference, name: str) -> None:
+def assert_matches_pytorch(ranks: list[dict], name: str, reference: tuple[list[float], dict]) -> None:
+    """Run `name` of every rank ended with plain PyTorch's parameters, and the ranks' mean losses
+    are its losses (fp32, 1e-5)."""
     ref_losses, ref_state = reference
-    for rank_results in world["ranks"]:
-        result, baseline = rank_results[name], rank_results[_baseline(name)]
-        assert result["steps"] == baseline["steps"] == STEPS
-        assert result["losses"] == pytest.approx(baseline["losses"], abs=1e-5)
+    for result in (rank_results[name] for rank_results in ranks):
+        assert result["steps"] == STEPS
         for key, expected in ref_state.items():
             torch.testing.assert_close(result["state"][key], expected, rtol=0, atol=1e-5, msg=f"{name}: {key}")
-    mean = [sum(v) / WORLD for v in zip(*(r[name]["losses"] for r in world["ranks"]))]
+    mean = [sum(v) / len(ranks) for v in zip(*(r[name]["losses"] for r in ranks))]
     assert mean == pytest.approx(ref_losses, abs=1e-5)
-    assert ref_losses[-1] < ref_losses[0]
+
+
+def assert_identical(result: dict, baseline: dict, name: str) -> None:
+    """Two runs with the same losses, skipped steps and parameters, bit for bit."""
+    assert result["losses"] == baseline["losses"] and result["skipped"] == baseline["skipped"], name
+    for key, expected in baseline["state"].items():
+        assert torch.equal(result["state"][key], expected), f"{name}: {key}"
+
+
+@pytest.mark.parametrize("name", list(scenarios("")))
+def test_offload_matches_pytorch(world: dict, reference, name: str) -> None:
+    assert_matches_pytorch(world["ranks"], name, reference)
+    for rank_results in world["ranks"]:
+        assert rank_results[name]["losses"] == pytest.approx(rank_results[_baseline(name)]["losses"], abs=1e-5)
+    assert reference[0][-1] < reference[0][0]
 
 
 @pytest.mark.parametrize("name", list(MIXED_PRECISION))
 def test_mixed_precision_offload_is_exact(exact_world: list[dict], name: str) -> None:
     for rank_results in exact_world:
-        result, baseline = rank_results[name]
-        assert result["losses"] == baseline["losses"] and result["skipped"] == baseline["skipped"]
-        for key, expected in baseline["state"].items():
-            assert torch.equal(result["state"][key], expected), f"{name}: {key}"
+        assert_identical(*rank_results[name], name)
     if name.startswith("fp16"):
         assert exact_world[0][name][0]["skipped"] > 0  # the overflow path ran
 
@@ -204,10 +214,7 @@ def test_mixed_precision_offload_is_exact(exact_world: list[dict], name: str) ->
 @pytest.mark.parametrize("name", list(scenarios("")))
 def test_offload_path_is_exact(exact_world: list[dict], name: str) -> None:
     for rank_results in exact_world:
-        result, baseline = rank_results[name], rank_results[_baseline(name)]
-        assert result["losses"] == baseline["losses"]
-        for key, expected in baseline["state"].items():
-            assert torch.equal(result["state"][key], expected), f"{name}: {key}"
+        assert_identical(rank_results[name], rank_results[_baseline(name)], name)
 
 
 def _plan(name: str, nvme: str, rank: int):

@@ -18,8 +18,18 @@ import torch
 from tests.models import AwkwardLM
 from tests.multiprocess import run_world
 from tests.test_checkpoint_training import SAVED_AT, assert_resharded, make_engine, resume, save_reference, train
-from tests.test_offload_engine import ACCUMULATION, BUDGET, CLIPPING, STAGE3, WORLD, offload_config, train_offloaded
-from tests.test_zero_parity import STEPS, reference_run
+from tests.test_offload_engine import (
+    ACCUMULATION,
+    BUDGET,
+    CLIPPING,
+    STAGE3,
+    WORLD,
+    assert_identical,
+    assert_matches_pytorch,
+    offload_config,
+    train_offloaded,
+)
+from tests.test_zero_parity import reference_run
 from zerokit.config import Config, ConfigError
 from zerokit.zero.flat_group import layout
 from zerokit.zero.memory import FP32_BYTES, model_state_bytes
@@ -121,13 +131,7 @@ def reference() -> tuple[list[float], dict]:
 
 @pytest.mark.parametrize("name", list(scenarios("")))
 def test_partial_offload_matches_pytorch(world: dict, reference, name: str) -> None:
-    ref_losses, ref_state = reference
-    for result in (rank_results[name] for rank_results in world["ranks"]):
-        assert result["steps"] == STEPS
-        for key, expected in ref_state.items():
-            torch.testing.assert_close(result["state"][key], expected, rtol=0, atol=1e-5, msg=f"{name}: {key}")
-    mean = [sum(v) / WORLD for v in zip(*(r[name]["losses"] for r in world["ranks"]))]
-    assert mean == pytest.approx(ref_losses, abs=1e-5)
+    assert_matches_pytorch(world["ranks"], name, reference)
 
 
 def test_partial_offload_path_is_exact() -> None:
@@ -136,9 +140,7 @@ def test_partial_offload_path_is_exact() -> None:
     one overflow check over both)."""
     for rank_results in run_world(_exact_runs, WORLD):
         for name, (result, baseline) in rank_results.items():
-            assert result["losses"] == baseline["losses"] and result["skipped"] == baseline["skipped"], name
-            for key, expected in baseline["state"].items():
-                assert torch.equal(result["state"][key], expected), f"{name}: {key}"
+            assert_identical(result, baseline, name)
         assert rank_results["fp16_ratio05_stage3"][0]["skipped"] > 0  # the overflow path ran
 
 
