@@ -198,7 +198,7 @@ class Engine:
             return
         coefficient = None
         if self.config.gradient_clipping > 0:
-            self.grad_norm, coefficient = self._clip_coefficient(landed, self.config.gradient_clipping)
+            self.grad_norm, coefficient = self._clip_coefficient(landed, grads, self.config.gradient_clipping)
         # Read before the device's step is queued (.item() waits for the stream): the device's
         # kernels then run while the CPU steps the offloaded groups.
         host_coefficient = None if coefficient is None or not offloaded else coefficient.item()
@@ -225,17 +225,20 @@ class Engine:
             group.release_grads()
         self._runtime.refresh_parameters()
 
-    def _clip_coefficient(self, landed: list[FlatParamGroup], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global norm over the gradient shards of the groups that `landed` (on the device or
-        in host memory) and the coefficient torch.nn.utils.clip_grad_norm_ would scale them by."""
+    def _clip_coefficient(
+        self, landed: list[FlatParamGroup], grads: list[torch.Tensor], max_norm: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global norm over `grads`, the gradient shards of the groups that `landed` (on the
+        device or in host memory), and the coefficient torch.nn.utils.clip_grad_norm_ would scale
+        them by."""
         # Norms taken on the device as host shards were reduced spare the host a pass over them
         # (only valid when each shard is one reduction, and not while fp16 grads were scaled). A
         # shard's norm is a scalar whose own norm is itself: it stands in for the shard.
         offloaded = [group.host_grads for group in landed if group.host_grads is not None]
         use_norms = self.loss_scaler is None and all(host.device_norm is not None for host in offloaded)
         shards = [
-            group.host_grads.device_norm if use_norms and group.host_grads is not None else group.reduced_grad()
-            for group in landed
+            group.host_grads.device_norm if use_norms and group.host_grads is not None else grad
+            for group, grad in zip(landed, grads)
         ]
         total = torch.nn.utils.get_total_norm(shards) if shards else torch.zeros((), device=self.device)
         squares = total.square().to(self.device)
