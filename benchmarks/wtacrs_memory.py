@@ -78,10 +78,9 @@ def measure(args, keep: float, device: torch.device) -> dict:
     torch.cuda.synchronize()
     step_time = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated(device)
-    largest = args.micro_batch if not args.skip_largest else None
-    for micro_batch in range(args.micro_batch + args.batch_increment, 10 * args.micro_batch, args.batch_increment):
-        if args.skip_largest:
-            break
+    larger = range(args.micro_batch + args.batch_increment, 10 * args.micro_batch, args.batch_increment)
+    largest = None if args.skip_largest else args.micro_batch
+    for micro_batch in [] if args.skip_largest else larger:
         try:
             train_step(engine, *data.batch(micro_batch))
             torch.cuda.synchronize()
