@@ -119,6 +119,24 @@ def test_memo_relearns_for_new_shapes():
 
 
 @pytest.mark.parametrize("policy", ["recompute", "memo"])
+def test_recomputation_stops_after_the_last_tensor_it_needs(policy):
+    """A Llama block's down projection saves its input last: a block run again stops there,
+    before the projection computes (its output, and the residual after it, are not needed)."""
+    torch.manual_seed(0)
+    model, loss_fn = llama()
+    inputs = batches(3)
+    expected = train(copy.deepcopy(model), loss_fn, inputs)
+    calls = [0] * len(model.model.layers)
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.down_proj.register_forward_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 1))
+    apply_activation_memory(model, {"policy": policy, "alpha": 0.5})
+    assert_same(expected, train(model, loss_fn, inputs))
+    # memo's first iteration learns the layout: the block runs again in full and twice on a few tokens
+    learning = [0, 0] if policy == "recompute" else [3, 3]
+    assert calls == [3 + n for n in learning] + [3, 3]  # the last two blocks keep their activations
+
+
+@pytest.mark.parametrize("policy", ["recompute", "memo"])
 def test_dropout_is_reproduced(policy):
     """Recomputation replays the random state; memo swaps whole what dropout touched."""
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from zerokit.activations.layout import MIN_TOKENS, PROBE_TOKENS, BlockLayout, Pr
 from zerokit.activations.recompute import RecomputeRecord, check_same_count
 from zerokit.activations.rerun import rerun
 from zerokit.activations.slots import Storage
-from zerokit.activations.tensors import contains, nbytes, storage_ptr, view_key
+from zerokit.activations.tensors import contains, nbytes, parameter_storages, storage_ptr, view_key
 
 if TYPE_CHECKING:
     from zerokit.activations.manager import ActivationManager, ManagedBlock
@@ -129,7 +129,7 @@ class CalibrationRecord(RecomputeRecord):
     def _sizes(self, layout: BlockLayout, saved: Sequence[torch.Tensor], calls: Sequence[AttentionCall]) -> SwapSizes:
         """Bytes memo would move per call of this block, with the rules MemoRecord packs by."""
         device = self.manager.device
-        parameters = self.manager.parameter_storages()
+        parameters = parameter_storages(self.block.module)
         shared = self.inputs.secondary()
         sources = [self.inputs.hidden] + [call.output for call in calls]
         whole = token = 0

@@ -25,8 +25,9 @@ from zerokit.activations.tensors import empty_like_layout, is_dense
 class PinnedHostPool:
     def __init__(self, pin: bool):
         self.pin = pin
-        # Per layout, the tensors whose owner is gone: an owner's finalizer hands its tensor back.
+        # Per layout, the tensors whose owner is gone: an owner's finalizer hands its tensors back.
         self._free: dict[tuple, list[torch.Tensor]] = collections.defaultdict(list)
+        self._lent: weakref.WeakKeyDictionary[Any, list[tuple[tuple, torch.Tensor]]] = weakref.WeakKeyDictionary()
         self._held_bytes = 0
 
     @staticmethod
@@ -36,7 +37,8 @@ class PinnedHostPool:
     def take(self, like: torch.Tensor, owner: Any) -> torch.Tensor:
         """A host tensor laid out as empty_like_layout(like) would be, lent to `owner` until
         the owner is garbage."""
-        free = self._free[self._layout(like)]
+        layout = self._layout(like)
+        free = self._free[layout]
         if free:
             host = free.pop()
         else:
@@ -45,8 +47,16 @@ class PinnedHostPool:
                 tensors.clear()
             host = empty_like_layout(like, device="cpu", pin_memory=self.pin)
             self._held_bytes += host.untyped_storage().nbytes()
-        weakref.finalize(owner, free.append, host)
+        lent = self._lent.get(owner)
+        if lent is None:  # one finalizer per owner: they cost more than the rest of a take
+            lent = self._lent[owner] = []
+            weakref.finalize(owner, self._give_back, lent)
+        lent.append((layout, host))
         return host
+
+    def _give_back(self, lent: list[tuple[tuple, torch.Tensor]]) -> None:
+        for layout, host in lent:
+            self._free[layout].append(host)
 
     def nbytes(self) -> int:
         """Bytes held: lent and free."""

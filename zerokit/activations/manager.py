@@ -45,7 +45,6 @@ from zerokit.activations.record import BlockRecord, BlockReport, RecordState
 from zerokit.activations.recompute import KeepRecord, RecomputeRecord
 from zerokit.activations.streams import SwapStreams
 from zerokit.activations.swap import SwapRecord
-from zerokit.activations.tensors import storage_ptr
 
 PREFETCH_DEPTH = 2  # blocks restored ahead in backward: one per restore buffer
 
@@ -129,12 +128,6 @@ class ActivationManager:
         return self.arena.nbytes()
 
     # -- used by records -----------------------------------------------------------------------
-
-    def parameter_storages(self) -> set[int]:
-        """Storage addresses of the model's parameters and buffers (as they are now: ZeRO-3
-        gathers parameters into new storage)."""
-        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
-        return {ptr for ptr in (storage_ptr(t) for t in tensors) if ptr != 0}
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:

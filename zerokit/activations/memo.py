@@ -22,7 +22,7 @@ from zerokit.activations.inputs import BlockInputs
 from zerokit.activations.layout import BlockLayout, SlotKind
 from zerokit.activations.record import BACKWARD, DONE, BlockRecord, BlockReport, RestoreTarget
 from zerokit.activations.recompute import check_same_count
-from zerokit.activations.rerun import ForwardState, rerun
+from zerokit.activations.rerun import EnoughSaved, ForwardState, rerun
 from zerokit.activations.slots import SavedSlot, Storage
 from zerokit.activations.tensors import contains, is_dense, nbytes, view_key
 
@@ -57,7 +57,7 @@ class MemoRecord(BlockRecord):
         self.tokens = inputs.tokens
         self.swapped = swapped  # tokens [0, swapped) go to host memory, [swapped, tokens) are recomputed
         self.forward_state = ForwardState.capture(manager.device)
-        self._shared = inputs.secondary()
+        self.share(inputs.secondary())
         self._recorder = AttentionRecorder(on_output=self._on_attention_output)
         self._calls_seen = 0
         self._pending: list[tuple[SavedSlot, torch.Tensor]] = []  # saved inside a running attention call
@@ -81,7 +81,7 @@ class MemoRecord(BlockRecord):
 
     def pack(self, tensor: torch.Tensor) -> SavedSlot:
         index = self.next_index()
-        kept = self.keep_if_shared(index, tensor, self._shared)
+        kept = self.keep_if_shared(index, tensor)
         if kept is not None:
             return kept
         self._check_learned(index, tensor)
@@ -146,7 +146,6 @@ class MemoRecord(BlockRecord):
         self._recorder = None  # it refers back to this record: no cycle, so the record dies with its graph
         self._pending.clear()
         self._split_views.clear()
-        self._shared = []
         for source in self.sources:
             source.forward = None
 
@@ -237,13 +236,19 @@ class MemoRecord(BlockRecord):
         replay = AttentionReplay(outputs, layout.output_requires_grad, self.swapped, count)
         outside = layout.outside
 
+        positions = [p for p, index in enumerate(outside) if index in wanted]
+        last = positions[-1] if positions else None
+
         def keep(position: int, tensor: torch.Tensor) -> None:
             if position < len(outside) and outside[position] in wanted:
                 self._fill(wanted[outside[position]], tensor, count)
+            if position == last and len(replay.calls) == len(outputs):
+                raise EnoughSaved  # what follows (the last projection, the residual) saves nothing wanted
 
         with self.manager.suspended():
             saved = rerun(self.block.module, args, kwargs, self.forward_state, keep, replay)
-        check_same_count(self.block.name, len(outside), saved)
+        if saved is not None:
+            check_same_count(self.block.name, len(outside), saved)
         for index, slot in wanted.items():
             learned = layout.slots[index]
             if learned.kind is SlotKind.ATTENTION_INPUT:

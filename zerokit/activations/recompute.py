@@ -7,7 +7,7 @@ import torch
 
 from zerokit.activations.inputs import BlockInputs
 from zerokit.activations.record import BlockRecord
-from zerokit.activations.rerun import ForwardState, rerun
+from zerokit.activations.rerun import EnoughSaved, ForwardState, rerun
 from zerokit.activations.slots import SavedSlot, Storage
 
 if TYPE_CHECKING:
@@ -33,13 +33,13 @@ class RecomputeRecord(BlockRecord):
         super().__init__(manager, block, inputs, sequence)
         self.inputs = inputs
         self.forward_state = ForwardState.capture(manager.device)
-        self._inputs = [leaf for leaf in inputs.leaves if isinstance(leaf, torch.Tensor)]
+        self.share([leaf for leaf in inputs.leaves if isinstance(leaf, torch.Tensor)])
         if inputs.hidden.device == manager.device:
             self.account("kept", inputs.hidden)
 
     def pack(self, tensor: torch.Tensor) -> SavedSlot:
         index = self.next_index()
-        kept = self.keep_if_shared(index, tensor, self._inputs)
+        kept = self.keep_if_shared(index, tensor)
         if kept is not None:
             return kept
         self.account("dropped", tensor)
@@ -51,22 +51,37 @@ class RecomputeRecord(BlockRecord):
             self.recompute(wanted)
 
     def recompute(self, wanted: dict[int, SavedSlot]) -> None:
-        """Run the forward again and fill the `wanted` slots."""
+        """Run the forward again until the last `wanted` slot is saved, and fill the slots."""
+        last = max(wanted)
+
         def keep(index: int, tensor: torch.Tensor) -> None:
             slot = wanted.get(index)
             if slot is not None:
+                if tensor.shape != slot.shape or tensor.dtype != slot.dtype:
+                    raise RuntimeError(
+                        f"block {self.block.name} saved tensor {index} as {tuple(slot.shape)} {slot.dtype} in its "
+                        f"forward but {tuple(tensor.shape)} {tensor.dtype} when run again; {_SAME_WORK}"
+                    )
                 slot.restored = tensor
+            if index == last:
+                raise EnoughSaved  # what follows (the last projection, the residual) saves nothing wanted
 
         args, kwargs = self.inputs.rebuild(self.inputs.hidden)
         with self.manager.suspended():
             count = rerun(self.block.module, args, kwargs, self.forward_state, keep)
-        check_same_count(self.block.name, self._count, count)
+        if count is not None:
+            check_same_count(self.block.name, self._count, count)
 
 
 def check_same_count(block_name: str, forward: int, again: int) -> None:
     if forward != again:
         raise RuntimeError(
             f"block {block_name} saved {forward} tensors for backward in its forward but {again} when run again; "
-            "recomputation needs a forward that does the same work every time (no branches on data or state "
-            "that changed in between)."
+            f"{_SAME_WORK}"
         )
+
+
+_SAME_WORK = (
+    "recomputation needs a forward that does the same work every time (no branches on data or state that "
+    "changed in between)."
+)

@@ -3,7 +3,7 @@
 [Note: saved tensor hooks]
 While a block's forward runs, autograd hands every tensor it saves for backward to the record's
 pack hook, which returns a SavedSlot; in backward the unpack hook turns the slot back into a
-tensor. Parameters (and views of them) are never copied: the ZeRO-3 engine frees and regathers
+tensor. The block's parameters (and views of them) are never copied: the ZeRO-3 engine frees and regathers
 their storage, and a kept reference sees the regathered values. Secondary inputs (masks, rotary
 tables, position ids) are shared by all blocks and kept as references too.
 
@@ -27,7 +27,7 @@ import torch
 from planner import OffsetPlan, TensorLifetime
 from zerokit.activations.inputs import BlockInputs
 from zerokit.activations.slots import SavedSlot, Storage, unpack_slot
-from zerokit.activations.tensors import contains, nbytes, storage_ptr, view_key
+from zerokit.activations.tensors import contains, nbytes, parameter_storages, storage_ptr, view_key
 
 if TYPE_CHECKING:
     from zerokit.activations.manager import ActivationManager, ManagedBlock
@@ -86,7 +86,10 @@ class BlockRecord:
         # Per-forward dedup by view; a view key is only the same tensor while that tensor lives
         # (its memory may be reused by a later one), hence the weak references.
         self._host_copies: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+        self._to_host: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host, device) copies issued at exit
         self._offloading: list[torch.Tensor] = []  # device tensors read by copies in flight
+        self._shared: list[torch.Tensor] = []  # see share()
+        self._shared_storages: set[int] = set()
         self._offload_event: Optional[torch.cuda.Event] = None
         self._restore_event: Optional[torch.cuda.Event] = None
         self._in_arena = False
@@ -107,6 +110,8 @@ class BlockRecord:
         if self._stack is not None:
             self._stack.close()
             self._stack = None
+        self._issue_copies_to_host()
+        self._shared, self._shared_storages = [], set()  # only needed to recognise them while packing
         self.state = RecordState.STORED
         self._host_copies.clear()  # dedup is per forward; the slots keep the copies
         for accounted in self._accounted.values():
@@ -134,14 +139,21 @@ class BlockRecord:
         self._slots.append(weakref.ref(slot))
         return slot
 
-    def keep_if_shared(self, index: int, tensor: torch.Tensor, inputs: list[torch.Tensor]) -> Optional[SavedSlot]:
-        """A KEPT slot for tensors that must not be copied: parameters, views of `inputs`, and
-        tensors on another device than the model's."""
+    def share(self, tensors: list[torch.Tensor]) -> None:
+        """Inputs of the block that its saved tensors may be views of and that are kept by
+        reference (see keep_if_shared), until the forward ends."""
+        self._shared = tensors
+        self._shared_storages = {storage_ptr(t) for t in tensors}
+
+    def keep_if_shared(self, index: int, tensor: torch.Tensor) -> Optional[SavedSlot]:
+        """A KEPT slot for tensors that must not be copied: the block's parameters, views of the
+        shared inputs, and tensors on another device than the model's."""
+        storage = storage_ptr(tensor)
         if tensor.device != self.manager.device:
             category = "kept"
-        elif storage_ptr(tensor) in self.parameter_storages():
+        elif storage in self.parameter_storages():
             category = "parameter"
-        elif any(contains(x, tensor) for x in inputs):
+        elif storage in self._shared_storages and any(contains(x, tensor) for x in self._shared):
             category = None  # shared input: owned by the model, not counted
         else:
             return None
@@ -153,22 +165,31 @@ class BlockRecord:
 
     def parameter_storages(self) -> set[int]:
         if self._parameters is None:
-            self._parameters = self.manager.parameter_storages()
+            self._parameters = parameter_storages(self.block.module)
         return self._parameters
 
     def copy_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host copy of `tensor` (one per distinct view in this forward)."""
+        """A host copy of `tensor` (one per distinct view in this forward), filled once the
+        block's forward is queued: one stream handoff per block, not per tensor, and the copies
+        overlap the next block's forward."""
         key = view_key(tensor)
         known = self._host_copies.get(key)
         if known is not None and known[0]() is not None:
             return known[1]
-        host, event = self.manager.streams.copy_to_host(tensor, owner=self)
+        host = self.manager.streams.host_pool.take(tensor, owner=self)
+        self._to_host.append((host, tensor))
         self._host_copies[key] = (weakref.ref(tensor), host)
-        if event is not None:
-            self._offloading.append(tensor)
-            self._offload_event = event
         self.account("host", tensor)
         return host
+
+    def _issue_copies_to_host(self) -> None:
+        pairs, self._to_host = self._to_host, []
+        if not pairs:
+            return
+        event = self.manager.streams.copy_to_host(pairs)
+        if event is not None:
+            self._offloading.extend(tensor for _, tensor in pairs)
+            self._offload_event = event
 
     def account(self, category: str, tensor: torch.Tensor, size: Optional[int] = None) -> None:
         key = view_key(tensor)

@@ -48,6 +48,11 @@ def _never_unpacked(_: Any) -> torch.Tensor:
     raise RuntimeError("the graph of a recomputed block forward is never run backward")
 
 
+class EnoughSaved(Exception):
+    """Raised by a `keep` callback that has every tensor it needs: the rest of the forward (a
+    block's last projection and residual, whose outputs nothing saves) is skipped."""
+
+
 def rerun(
     block: nn.Module,
     args: tuple,
@@ -55,10 +60,10 @@ def rerun(
     state: ForwardState,
     keep: Callable[[int, torch.Tensor], None],
     *modes: Any,
-) -> int:
+) -> Optional[int]:
     """Run `block(*args, **kwargs)` under `state`, handing the i-th tensor it saves for backward to
     `keep(i, tensor)` (detached); the run's own graph and output are dropped. Returns how many
-    tensors it saved."""
+    tensors it saved, or None when `keep` stopped the run early (EnoughSaved)."""
     count = 0
 
     def pack(tensor: torch.Tensor) -> None:
@@ -70,5 +75,8 @@ def rerun(
     with state.replay(), hooks, contextlib.ExitStack() as stack:
         for mode in modes:
             stack.enter_context(mode)
-        block(*args, **kwargs)
+        try:
+            block(*args, **kwargs)
+        except EnoughSaved:
+            return None
     return count

@@ -11,7 +11,7 @@ copy's event; only then may the allocator hand its memory to new compute work. N
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -54,14 +54,14 @@ class SwapStreams:
         with torch.cuda.stream(stream):
             yield
 
-    def copy_to_host(self, tensor: torch.Tensor, owner: Any) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
-        """A host copy of `tensor` (pinned on CUDA, same strides when dense; its memory lent to
-        `owner`, see host_pool.py) and the event that completes it; keep `tensor` referenced until
-        the compute stream waited on that event."""
-        host = self.host_pool.take(tensor, owner)
+    def copy_to_host(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Optional[torch.cuda.Event]:
+        """Copy each device tensor into its host tensor (pinned on CUDA, see host_pool.py) on the
+        device-to-host stream, after the work queued so far on the compute stream; returns the event
+        that completes them. Keep the device tensors referenced until the compute stream waited on it."""
         with self._on(self.to_host, ()):
-            host.copy_(tensor, non_blocking=self.enabled)
-            return host, self.record(self.to_host)
+            for host, tensor in pairs:
+                host.copy_(tensor, non_blocking=self.enabled)
+            return self.record(self.to_host)
 
     def copy_to_device(
         self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], after: Iterable[Optional[torch.cuda.Event]]

@@ -20,20 +20,16 @@ class SwapRecord(BlockRecord):
 
     def __init__(self, manager: "ActivationManager", block: "ManagedBlock", inputs: BlockInputs, sequence: int):
         super().__init__(manager, block, inputs, sequence)
-        self._shared = inputs.secondary()
+        self.share(inputs.secondary())
 
     def pack(self, tensor: torch.Tensor) -> SavedSlot:
         index = self.next_index()
-        kept = self.keep_if_shared(index, tensor, self._shared)
+        kept = self.keep_if_shared(index, tensor)
         if kept is not None:
             return kept
         slot = self.new_slot(index, tensor, Storage.HOST)
         slot.host = self.copy_to_host(tensor)
         return slot
-
-    def exit(self) -> None:
-        super().exit()
-        self._shared = []  # only needed to recognise them while packing
 
     def host_slots(self) -> list[SavedSlot]:
         return [s for s in self.live_slots() if s.storage is Storage.HOST]

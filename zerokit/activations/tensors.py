@@ -1,6 +1,7 @@
 """Facts about saved tensors: their memory, how they alias each other, and their token rows."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,16 @@ def nbytes(tensor: torch.Tensor) -> int:
 
 
 def storage_ptr(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
+    """The address of the tensor's storage (computed: untyped_storage() builds an object per call,
+    and the pack hooks ask for this on every saved tensor)."""
+    return tensor.data_ptr() - tensor.storage_offset() * tensor.element_size()
+
+
+def parameter_storages(module: torch.nn.Module) -> set[int]:
+    """Storage addresses of the module's parameters and buffers, as they are now (ZeRO-3 gathers
+    parameters into new storage before each block's forward)."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return {ptr for ptr in (storage_ptr(t) for t in tensors) if ptr != 0}
 
 
 def view_key(tensor: torch.Tensor) -> tuple:
@@ -41,7 +51,7 @@ def is_dense(tensor: torch.Tensor) -> bool:
 
 def contains(base: torch.Tensor, tensor: torch.Tensor) -> bool:
     """Whether every element of `tensor` is an element of `base` (so a copy of base holds tensor)."""
-    if base.device != tensor.device or base.dtype != tensor.dtype or storage_ptr(base) != storage_ptr(tensor):
+    if storage_ptr(base) != storage_ptr(tensor) or base.dtype != tensor.dtype or base.device != tensor.device:
         return False
     if view_key(base) == view_key(tensor):
         return True
