@@ -186,6 +186,8 @@ def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
                         help="zerokit's activation_memory policy")
     parser.add_argument("--alpha", type=float, help="memo's swapped fraction of tokens (default: planned)")
     parser.add_argument("--keep-last", type=int, help="blocks at the end that keep their activations (default 2)")
+    parser.add_argument("--restore-buffers", type=int, choices=(1, 2),
+                        help="device buffers swapped blocks are restored into (default 2)")
     parser.add_argument("--chunked-loss", type=int, metavar="TOKENS",
                         help="compute the loss over chunks of this many tokens (zerokit.nn.ChunkedLossCausalLM)")
     parser.add_argument("--profile", help="profile two timed steps: print GPU time by kernel category, and write "
@@ -269,20 +271,26 @@ def measure(system: str, step, args: argparse.Namespace, device: torch.device, n
     }
 
 
+ACTIVATION_OPTIONS = ("alpha", "keep_last", "restore_buffers")  # activation_memory keys with flags here
+
+
+def activation_options(args: argparse.Namespace) -> dict:
+    """The activation_memory options given on the command line."""
+    return {name: getattr(args, name) for name in ACTIVATION_OPTIONS if getattr(args, name) is not None}
+
+
 def activation_config(args: argparse.Namespace) -> dict | None:
     """zerokit's activation_memory section for the command line's choices."""
     if not args.activation_memory:
         return None
-    section = {"policy": args.activation_memory, "alpha": args.alpha}
-    return section | ({"keep_last": args.keep_last} if args.keep_last is not None else {})
+    return {"policy": args.activation_memory} | activation_options(args)
 
 
 def activation_label(args: argparse.Namespace) -> str:
     parts = [name for name, on in (("checkpointing", args.activation_checkpointing), ("save_on_cpu", args.save_on_cpu))
              if on]  # fmt: skip
     if args.activation_memory:
-        options = [f"{name}={value}" for name, value in (("alpha", args.alpha), ("keep_last", args.keep_last))
-                   if value is not None]  # fmt: skip
+        options = [f"{name}={value}" for name, value in activation_options(args).items()]
         parts.append(args.activation_memory + (f"({', '.join(options)})" if options else ""))
     if args.chunked_loss:
         parts.append(f"chunked_loss({args.chunked_loss})")
@@ -291,18 +299,18 @@ def activation_label(args: argparse.Namespace) -> str:
 
 def estimated_configuration(model: str, layers: int | None, gpus: int, micro_batch: int, seq: int, stage: int,
                             offload: str = "none", activations: str = "none", chunked_loss: int | None = None,
-                            keep_last: int | None = None, alpha: float | None = None,
-                            wtacrs_keep_ratio: float | None = None, offload_ratio: float = 1.0):
+                            wtacrs_keep_ratio: float | None = None, offload_ratio: float = 1.0,
+                            **activation_options):
     """`zerokit estimate`'s row (a zerokit.profiler.estimate.Configuration) for this model and
     configuration, from the meta device: with the loss over chunks of `chunked_loss` tokens,
-    activation_memory's `keep_last` and `alpha`, WTA-CRS layers keeping `wtacrs_keep_ratio` of
-    their rows, where given, and offload_optimizer's `offload_ratio`."""
+    activation_memory's options (ACTIVATION_OPTIONS), WTA-CRS layers keeping `wtacrs_keep_ratio`
+    of their rows, where given, and offload_optimizer's `offload_ratio`."""
     from zerokit.profiler.estimate import Hardware, Workload, estimate
     from zerokit.profiler.models import ModelSource
 
     source = ModelSource(f"llama-{model}", lambda: build_model(model, torch.device("meta"), False, layers))
-    workload = Workload(micro_batch, seq, chunked_loss=chunked_loss, keep_last=keep_last, alpha=alpha,
-                        wtacrs_keep_ratio=wtacrs_keep_ratio, offload_ratio=offload_ratio)  # fmt: skip
+    workload = Workload(micro_batch, seq, chunked_loss=chunked_loss, wtacrs_keep_ratio=wtacrs_keep_ratio,
+                        offload_ratio=offload_ratio, **activation_options)  # fmt: skip
     result = estimate(source, Hardware(gpus_per_node=gpus, gpu_memory=80 * 10**9), workload)
     return result.find(stage, offload, activations)
 
@@ -327,8 +335,9 @@ def main() -> None:
     parser.add_argument("--system", required=True, choices=SYSTEMS)
     add_timing_arguments(parser)
     args = parser.parse_args()
-    if not args.activation_memory and (args.alpha is not None or args.keep_last is not None):
-        parser.error("--alpha and --keep-last are settings of --activation-memory: give a policy with them")
+    if not args.activation_memory and activation_options(args):
+        parser.error("--alpha, --keep-last and --restore-buffers are settings of --activation-memory: give a policy "
+                     "with them")
 
     dist.init_process_group("nccl")
     rank = dist.get_rank()
@@ -349,9 +358,13 @@ def main() -> None:
     activations = estimated_activations(args)
     if result and kind == "zerokit" and activations:
         layers = MODELS[args.model][2]
+        options = activation_options(args)
+        manager = runner.engine.activations
+        if activations == "memo" and args.alpha is None and manager is not None and manager.alpha is not None:
+            options["alpha"] = result["memo_alpha"] = round(manager.alpha, 4)  # the estimate for the alpha it planned
         result["estimated_peak_gib"] = estimated_peak_gib(
             args.model, layers, result["gpus"], args.micro_batch, args.seq, int(stage), activations=activations,
-            chunked_loss=args.chunked_loss or None, keep_last=args.keep_last, alpha=args.alpha,
+            chunked_loss=args.chunked_loss or None, **options,
         )  # fmt: skip
     if result:
         print(json.dumps(result), flush=True)

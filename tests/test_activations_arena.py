@@ -1,5 +1,6 @@
 """Restore buffers: blocks restore into the two preallocated buffers at planned offsets, each
-prefetched while the block after it runs backward; plans are cached on disk."""
+prefetched while the block after it runs backward (or into one, without prefetching); plans are
+cached on disk."""
 from __future__ import annotations
 
 import copy
@@ -38,6 +39,23 @@ def test_restores_are_prefetched_into_the_buffers(policy):
         plans[record_plan.peak_bytes] = record_plan
     assert during_backward[-1] == 2 * max(plans)
     assert manager.restore_buffer_bytes() == 0  # let go after the backward, for the next forward
+
+
+@pytest.mark.parametrize("policy", ["swap", "memo"])
+def test_one_restore_buffer_restores_each_block_after_the_next_ones_backward(policy):
+    torch.manual_seed(0)
+    model, loss_fn = gpt()
+    inputs = batches(3)
+    expected = train(copy.deepcopy(model), loss_fn, inputs)
+    manager = apply_activation_memory(model, {"policy": policy, "alpha": 0.5, "keep_last": 0, "restore_buffers": 1})
+    during_backward = []
+    first_weight = next(model.blocks[0].parameters())
+    first_weight.register_hook(lambda grad: during_backward.append(manager.restore_buffer_bytes()))
+    assert_same(expected, train(model, loss_fn, inputs))
+    iterations = 3 if policy == "swap" else 2
+    # nothing is prefetched: each block restores into the one buffer when its backward starts
+    assert manager.restore_counts == {"on_demand": 4 * iterations, "restore_buffer": 4 * iterations}
+    assert during_backward[-1] == max(plan.peak_bytes for plan in manager.arena._plans.values())
 
 
 def test_kept_last_blocks_prefetch_the_first_swapped_one():

@@ -13,7 +13,7 @@ from tests.test_activations_parity import assert_same, train
 from zerokit.activations import apply_activation_memory
 from zerokit.activations.slots import Storage
 from zerokit.nn import ChunkedLossCausalLM
-from zerokit.profiler.activations import RESTORE_BUFFERS, block_activations
+from zerokit.profiler.activations import block_activations
 from zerokit.profiler.trace import trace_step
 from zerokit.zero.units import plan_units
 
@@ -43,13 +43,14 @@ def estimated_restore_bytes() -> list[int]:
     return [b.swappable + (0 if b.inputs_saved else b.inputs) for b in block_activations(trace)]
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_memo_restores_each_saved_tensor_once(alpha):
+@pytest.mark.parametrize(("alpha", "buffers"), [(0.0, 2), (0.5, 2), (1.0, 2), (0.5, 1)])
+def test_memo_restores_each_saved_tensor_once(alpha, buffers):
     torch.manual_seed(0)
     model = tiny_llama().to(torch.bfloat16).train()
     tokens = [torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     expected = train(copy.deepcopy(model), loss_of, tokens)
-    manager = apply_activation_memory(model, {"policy": "memo", "keep_last": 0, "alpha": alpha})
+    config = {"policy": "memo", "keep_last": 0, "alpha": alpha, "restore_buffers": buffers}
+    manager = apply_activation_memory(model, config)
     during_backward = []
     first_weight = next(model.lm.model.layers[0].parameters())
     first_weight.register_hook(lambda grad: during_backward.append(manager.restore_buffer_bytes()))
@@ -62,4 +63,4 @@ def test_memo_restores_each_saved_tensor_once(alpha):
     split_slots = [s for s in record.live_slots() if s.storage is Storage.SPLIT]
     assert len(record.restore_targets()) < len(split_slots)  # q, k, v's input, RMSNorm's fp32 input: once each
     loss.backward()
-    assert during_backward[-1] == RESTORE_BUFFERS * max(restored)
+    assert during_backward[-1] == buffers * max(restored)

@@ -14,13 +14,14 @@ ARGS = ["--gpus", "2", "--gpu-memory", "80GB", "--host-memory", "512GB", "--micr
 # The schema's key set: removing or renaming a key, or changing what a row means, is a new schema
 # version (2: assumptions' staging_buffers became offload_buffers; 3: workload.offload_ratio, with
 # which the offload rows may offload only part of the optimizer); other keys were added within a
-# version (workload.wtacrs_keep_ratio; workload.chunked_loss_tokens, keep_last and alpha; the
+# version (workload.wtacrs_keep_ratio; workload.chunked_loss_tokens, keep_last and alpha;
+# workload.restore_buffers; the
 # offloads "nvme_optimizer" and "nvme_optimizer_cpu_params" added rows, not keys).
 TOP = {"schema", "model", "workload", "hardware", "assumptions", "activations", "configurations", "recommended"}
 MODEL = {"name", "parameters", "trainable_parameters", "blocks", "sharding_units"}
 WORKLOAD = {
     "micro_batch", "seq", "dtype", "attention_kernels", "wtacrs_keep_ratio", "chunked_loss_tokens", "keep_last", "alpha",
-    "offload_ratio",
+    "offload_ratio", "restore_buffers",
 }  # fmt: skip
 HARDWARE = {"nodes", "gpus_per_node", "world_size", "gpu_memory_bytes", "host_memory_bytes", "nvme_bytes"}
 # offload_buffers: the engine's offload buffer settings, which the offload rows follow

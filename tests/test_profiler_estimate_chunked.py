@@ -1,4 +1,5 @@
-"""`zerokit estimate` with a chunked loss (Workload.chunked_loss) and memo's keep_last and alpha.
+"""`zerokit estimate` with a chunked loss (Workload.chunked_loss) and memo's keep_last,
+restore_buffers and alpha.
 
 The chunked model is traced as a training script runs it, wrapped in ChunkedLossCausalLM: what
 its blocks and its loss save equals what the wrapped model saves on the CPU, one chunk's logits
@@ -153,6 +154,31 @@ def test_memo_holds_and_restores_the_block_input() -> None:
     assert memo[during_backward] - swap[during_backward] == RESTORE_BUFFERS * blocks[0].inputs
 
 
+def test_one_restore_buffer_holds_one_block_less() -> None:
+    model = build_on_meta(ModelSource("hand", hand_model), torch.bfloat16)
+    trace = trace_step(model, plan_units(model), B, S)
+    blocks = block_activations(trace)
+    during_backward = trace.blocks[-1].backward_start + 1
+    for policy in ("swap", "memo"):
+        one, two = (gpu_timeline(trace, blocks, policy, 0, buffers) for buffers in (1, 2))
+        assert two[during_backward] - one[during_backward] == X + A  # the largest block's restore
+        assert one[: trace.blocks[-1].backward_start] == two[: trace.blocks[-1].backward_start]
+    assert hand(restore_buffers=1).find(1, "none", "recompute") == hand().find(1, "none", "recompute")
+
+
+def test_memo_forward_holds_only_the_swapped_share_until_the_copies_are_waited_for() -> None:
+    model = build_on_meta(ModelSource("hand", hand_model), torch.bfloat16)
+    trace = trace_step(model, plan_units(model), B, S)
+    blocks = block_activations(trace)
+    assert blocks[0].other == A  # x + down(relu(up(x))): the input x is saved, relu's output is the rest
+    whole, quarter = gpu_timeline(trace, blocks, "memo", 0), gpu_timeline(trace, blocks, "memo", 0, alpha=0.25)
+    for b in range(L - 1):  # when block b + 1 starts, block b's dropped three quarters are gone
+        start = trace.blocks[b + 1].forward_start
+        assert whole[start] - quarter[start] == int(0.75 * A)
+    backward = trace.blocks[-1].backward_start + 1
+    assert whole[backward:] == quarter[backward:]  # restored in full either way
+
+
 def test_given_alpha_is_memos() -> None:
     planned, given = hand(), hand(alpha=0.25)
     assert planned.find(1, "none", "memo").memo_alpha == 1.0
@@ -171,6 +197,8 @@ def test_given_alpha_is_memos() -> None:
         ({"chunked_loss": True}, r"chunked_loss \(--chunked-loss\) must be"),
         ({"keep_last": -1}, r"keep_last \(--keep-last\) must be a whole number of blocks >= 0"),
         ({"keep_last": 1.5}, r"keep_last \(--keep-last\) must be"),
+        ({"restore_buffers": 3}, r"restore_buffers \(--restore-buffers\) must be 1 or 2"),
+        ({"restore_buffers": True}, r"restore_buffers \(--restore-buffers\) must be 1 or 2"),
         ({"alpha": 1.5}, r"alpha \(--alpha\) must be a number in \[0, 1\]"),
         ({"alpha": -0.1}, r"alpha \(--alpha\) must be"),
         ({"alpha": float("nan")}, r"alpha \(--alpha\) must be"),
@@ -185,11 +213,12 @@ def test_bad_values_are_rejected(options: dict, message: str) -> None:
 def test_cli_flags_and_json(capsys, tmp_path) -> None:
     tiny_llama().config.save_pretrained(tmp_path)
     args = ["estimate", "--model", str(tmp_path), "--micro-batch", str(BATCH), "--seq", str(SEQ)]
-    flags = ["--chunked-loss", str(CHUNK), "--keep-last", "0", "--alpha", "0.5"]
+    flags = ["--chunked-loss", str(CHUNK), "--keep-last", "0", "--alpha", "0.5", "--restore-buffers", "1"]
     assert main([*args, *flags, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     workload = data["workload"]
     assert (workload["chunked_loss_tokens"], workload["keep_last"], workload["alpha"]) == (CHUNK, 0, 0.5)
+    assert workload["restore_buffers"] == 1
     assert data["activations"]["outside_blocks_saved_bytes"] < TOKENS * VOCAB * 4
     rows = {(c["stage"], c["offload"], c["activations"]): c for c in data["configurations"]}
     assert rows[(1, "none", "memo")]["memo_alpha"] == 0.5
@@ -198,7 +227,8 @@ def test_cli_flags_and_json(capsys, tmp_path) -> None:
     assert (plain["chunked_loss_tokens"], plain["keep_last"], plain["alpha"]) == (None, None, None)
     assert main([*args, *flags]) == 0
     table = capsys.readouterr().out
-    assert "loss over chunks of 64 tokens, swap and memo keep the last 0 blocks, memo alpha 0.5" in table
+    options = "loss over chunks of 64 tokens, swap and memo keep the last 0 blocks, 1 restore buffer, memo alpha 0.5"
+    assert options in table
 
 
 @pytest.mark.parametrize(

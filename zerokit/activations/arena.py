@@ -1,12 +1,14 @@
-"""Two device buffers that swapped activations are restored into, reserved when a backward
-starts and let go when it ends: between backward passes the memory serves the forward and the
-loss's backward (the step's peak, with the logits' gradient), which never restore.
+"""Two device buffers that swapped activations are restored into (one with
+activation_memory.restore_buffers 1), reserved when a backward starts and let go when it ends:
+between backward passes the memory serves the forward and the loss's backward (the step's peak,
+with the logits' gradient), which never restore.
 
 Block calls that restore from host memory alternate between the buffers in forward order, so
 backward restores the next block (prefetch) into one buffer while the current block reads the
-other. Within a buffer, a block's restored tensors sit at offsets planned by dynamic storage
-allocation (planner.solve_dsa) from their sizes and lifetimes; plans are cached per problem,
-in memory and, with a cache directory, as JSON (planner.PlanCache). A buffer is reused only after
+other; with one buffer a block is restored once the block after it has finished. Within a
+buffer, a block's restored tensors sit at offsets planned by dynamic storage allocation
+(planner.solve_dsa) from their sizes and lifetimes; plans are cached per problem, in memory and,
+with a cache directory, as JSON (planner.PlanCache). A buffer is reused only after
 the block that used it is released (see manager.py), so no copy overwrites tensors in use. A
 block whose buffer is still in use restores into memory from the allocator instead.
 """

@@ -24,6 +24,10 @@ class ActivationMemoryConfig:
     blocks: class names of the blocks; empty finds the repeated blocks of a ModuleList.
     keep_last: the last blocks run their backward right after their forward, so swapping or
         recomputing them gains nothing: this many keep their activations (memo and swap).
+    restore_buffers: device buffers that swapped blocks are restored into in backward (memo and
+        swap), each the size of the largest block's activations: 2 restores a block while the
+        next one runs its backward; 1 halves that memory for the longest sequences, and each
+        block's copies back then wait for the backward of the block after it.
     block_policies: one of keep | recompute | swap | memo per block, overriding `policy`.
     sequence_dim: dimension of the tokens in a block's hidden-state input (1 for batch-first).
     """
@@ -35,6 +39,7 @@ class ActivationMemoryConfig:
     plan_cache: Optional[str] = None
     blocks: tuple[str, ...] = ()
     keep_last: int = 2
+    restore_buffers: int = 2
     block_policies: tuple[str, ...] = ()
     sequence_dim: int = 1
 
@@ -54,6 +59,8 @@ class ActivationMemoryConfig:
                    "a directory path, or null")
         _check(_is_names(self.blocks), "blocks", self.blocks, "a list of module class names")
         _check(_is_int(self.keep_last) and self.keep_last >= 0, "keep_last", self.keep_last, "an integer >= 0")
+        _check(self.restore_buffers in (1, 2) and _is_int(self.restore_buffers), "restore_buffers",
+               self.restore_buffers, "1 or 2")
         _check(_is_names(self.block_policies) and all(p in BLOCK_POLICIES for p in self.block_policies),
                "block_policies", self.block_policies, "a list with one of " + ", ".join(BLOCK_POLICIES) + " per block")
         _check(_is_int(self.sequence_dim) and self.sequence_dim >= 0, "sequence_dim", self.sequence_dim,

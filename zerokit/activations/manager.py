@@ -46,7 +46,6 @@ from zerokit.activations.recompute import KeepRecord, RecomputeRecord
 from zerokit.activations.streams import SwapStreams
 from zerokit.activations.swap import SwapRecord
 
-PREFETCH_DEPTH = 2  # blocks restored ahead in backward: one per restore buffer
 
 
 @dataclass
@@ -190,7 +189,7 @@ class ActivationManager:
             if layout is None or alpha is None:
                 return CalibrationRecord(self, block, inputs, sequence, signature)
             record = MemoRecord(self, block, inputs, sequence, layout, swapped_tokens(alpha, inputs.tokens))
-        record.parity = self._restoring % 2
+        record.parity = self._restoring % self.config.restore_buffers
         self._restoring += 1
         return record
 
@@ -237,7 +236,7 @@ class ActivationManager:
                     break  # its buffer is still read by a later block; it restores when its turn comes
                 earlier.prefetch()
             ahead += 1
-            if ahead == PREFETCH_DEPTH:
+            if ahead == self.config.restore_buffers:  # one block restored ahead per buffer
                 break
 
     def _begin_backward(self) -> None:

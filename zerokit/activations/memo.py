@@ -128,7 +128,11 @@ class MemoRecord(BlockRecord):
             slot.host = first[2]
             return
         if self.swapped > 0:
-            slot.host = self.copy_to_host(learned.tokens.rows(tensor, self.tokens, 0, self.swapped))
+            rows = learned.tokens.rows(tensor, self.tokens, 0, self.swapped)
+            if self.swapped < self.tokens:
+                # a compact copy waits for the copy to host (two blocks later), not the whole tensor
+                rows = rows.clone()
+            slot.host = self.copy_to_host(rows)
         # the storage, not the tensor: a view made for one op (a Linear's 2-D input) dies with it
         self._split_views[key] = (weakref.ref(tensor.untyped_storage()), slot.index, slot.host)
         self.account("dropped", tensor, nbytes(tensor) * (self.tokens - self.swapped) // self.tokens)

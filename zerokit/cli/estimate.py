@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from zerokit.profiler.activations import KEEP_LAST
+from zerokit.profiler.activations import KEEP_LAST, RESTORE_BUFFERS
 from zerokit.profiler.estimate import (
     DTYPES,
     GPU_CATEGORIES,
@@ -64,6 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"default {KEEP_LAST})",
     )  # fmt: skip
     parser.add_argument(
+        "--restore-buffers", type=int, metavar="N",
+        help="device buffers swapped blocks are restored into under swap and memo, 1 or 2 "
+        f"(activation_memory.restore_buffers; default {RESTORE_BUFFERS})",
+    )  # fmt: skip
+    parser.add_argument(
         "--alpha", type=float, metavar="A",
         help="memo's swapped fraction of tokens, in [0, 1] (activation_memory.alpha; default: planned from host "
         "memory)",
@@ -88,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         )
         workload = Workload(
             args.micro_batch, args.seq, DTYPES[args.dtype], args.attention_kernels, args.wtacrs,
-            chunked_loss=args.chunked_loss, keep_last=args.keep_last, alpha=args.alpha,
-            offload_ratio=args.offload_ratio,
+            chunked_loss=args.chunked_loss, keep_last=args.keep_last, restore_buffers=args.restore_buffers,
+            alpha=args.alpha, offload_ratio=args.offload_ratio,
         )  # fmt: skip
         result = estimate(args.model, hardware, workload)
     except (ModelSourceError, ValueError) as error:
@@ -110,6 +115,8 @@ def format_estimate(result: Estimate) -> str:
         options.append(f"loss over chunks of {work.chunked_loss} tokens")
     if work.keep_last is not None:
         options.append(f"swap and memo keep the last {work.keep_last} blocks")
+    if work.restore_buffers is not None:
+        options.append(f"{work.restore_buffers} restore buffer{'s' if work.restore_buffers > 1 else ''}")
     if work.alpha is not None:
         options.append(f"memo alpha {work.alpha:g}")
     if work.offload_ratio < 1:

@@ -13,14 +13,17 @@ intervals taken out (or put in) per block b, over the trace's event indices:
   are copied during its forward and leave the GPU when block b+2's forward starts (the runtime
   waits for a block's copies there), or, for a swapped block with no block b+2 (one of the last
   two, swapped only where keep_last < 2), when the blocks' backward starts; they come back,
-  before block b+1's backward (prefetch), into one of two restore buffers that live
-  from the start of the blocks' backward to its end, each the size of the largest swapped
-  block's restore; the last `keep_last` blocks (default KEEP_LAST) keep theirs.
+  before block b+1's backward (prefetch), into one of `restore_buffers` restore buffers (two by
+  default) that live from the start of the blocks' backward to its end, each the size of the
+  largest swapped block's restore; the last `keep_last` blocks (default KEEP_LAST) keep theirs.
 - memo (MEMO): as swap; the block input and attention outputs go to host memory whole, a
   fraction alpha of the other tokens too, and the rest is recomputed into the restore buffer
   before the block's backward (the transient above, once more). The block input stays on the
   GPU until its copy has been waited for, as the saved storages do, even where the model
-  itself would have dropped it earlier, and comes back into the restore buffer with them.
+  itself would have dropped it earlier, and comes back into the restore buffer with them. Of
+  the other storages only a compact copy of the swapped tokens waits for its copy to host: the
+  rest leaves when the block's forward ends (all of them wait where alpha is not given: the
+  runtime plans it, at most 1).
 
 Storages saved outside blocks (embedding, head, loss) and shared by several blocks (rotary
 tables) stay under every policy.
@@ -39,7 +42,7 @@ from zerokit.profiler.trace import BlockMarks, SavedStorage, StepTrace
 POLICIES = ("none", "recompute", "swap", "memo")
 # swap and memo keep the last blocks' activations (their backward comes at once), as the runtime does
 KEEP_LAST = ActivationMemoryConfig().keep_last
-RESTORE_BUFFERS = 2  # one block restored while the next is prefetched
+RESTORE_BUFFERS = ActivationMemoryConfig().restore_buffers
 
 
 @dataclass(frozen=True)
@@ -93,13 +96,21 @@ def _rerun_transient(activations: list[int], marks: BlockMarks, private: list[Sa
 
 
 def gpu_timeline(
-    trace: StepTrace, blocks: list[BlockActivations], policy: str, keep_last: int = KEEP_LAST
+    trace: StepTrace,
+    blocks: list[BlockActivations],
+    policy: str,
+    keep_last: int = KEEP_LAST,
+    restore_buffers: int = RESTORE_BUFFERS,
+    alpha: Optional[float] = None,
 ) -> tuple[int, ...]:
     """Activation bytes on the GPU after each trace event under `policy` (parameter gradients
     excluded); `blocks` is `block_activations(trace)`; swap and memo leave the last `keep_last`
-    blocks' activations where they are."""
+    blocks' activations where they are and restore the others into `restore_buffers` buffers;
+    memo swaps `alpha` of the tokens (None: the most it may, all of them)."""
     _check_policy(policy)
     _check_keep_last(keep_last)
+    if restore_buffers not in (1, 2) or isinstance(restore_buffers, bool):
+        raise ValueError(f"restore_buffers must be 1 or 2, got {restore_buffers!r}")
     marks = trace.blocks
     change = [0] * (trace.events + 1)
 
@@ -125,10 +136,13 @@ def gpu_timeline(
             if policy == "memo":
                 if not blocks[b].inputs_saved:
                     add(marks[b].input_freed, offloaded, blocks[b].inputs)
+                if alpha is not None:  # the dropped tokens' share leaves at once, a compact copy waits
+                    add(marks[b].forward_end, offloaded, -int((1 - alpha) * blocks[b].other))
                 add(marks[b].backward_start, marks[b].backward_start + 1, blocks[b].recompute_transient)
         if swapped:
             # reserved when the blocks' backward starts (the last block's), let go at its end
-            add(marks[-1].backward_start, trace.events, RESTORE_BUFFERS * max(_restored(blocks[b], policy) for b in swapped))
+            largest = max(_restored(blocks[b], policy) for b in swapped)
+            add(marks[-1].backward_start, trace.events, restore_buffers * largest)
     adjust = accumulate(change[:-1])
     return tuple(a - g + d for a, g, d in zip(trace.live, trace.param_grads, adjust))
 

@@ -8,7 +8,8 @@ indices and weights those layers save instead of their whole inputs. With a chun
 (Workload.chunked_loss) the traced model is wrapped in zerokit.nn.ChunkedLossCausalLM, as a
 training script wraps it, so the trace sees one chunk's logits (recomputed in backward, with
 their gradient) instead of the whole sequence's. The memo and swap rows follow the runtime's
-activation_memory keys keep_last and alpha (Workload.keep_last, Workload.alpha) where given, and
+activation_memory keys keep_last, restore_buffers and alpha (Workload.keep_last,
+Workload.restore_buffers, Workload.alpha) where given, and
 the offload rows offload_optimizer.ratio (Workload.offload_ratio).
 Model states come from the arithmetic the engine itself checks with (zero/memory.py). For each
 configuration the GPU peak is the largest sum, over the step's events, of
@@ -63,6 +64,7 @@ from zerokit.nn import ChunkedLossCausalLM, convert_to_wtacrs
 from zerokit.profiler.activations import (
     KEEP_LAST,
     POLICIES,
+    RESTORE_BUFFERS,
     BlockActivations,
     block_activations,
     gpu_timeline,
@@ -142,9 +144,10 @@ class Workload:
     wtacrs_keep_ratio: Optional[float] = None
     # tokens per chunk of a ChunkedLossCausalLM loss (None: the model computes its own loss)
     chunked_loss: Optional[int] = None
-    # activation_memory's keep_last and alpha for the swap and memo rows (None: the runtime's defaults,
-    # KEEP_LAST blocks kept and alpha planned)
+    # activation_memory's keep_last, restore_buffers and alpha for the swap and memo rows (None: the
+    # runtime's defaults, KEEP_LAST blocks kept, RESTORE_BUFFERS buffers and alpha planned)
     keep_last: Optional[int] = None
+    restore_buffers: Optional[int] = None
     alpha: Optional[float] = None
     # offload_optimizer.ratio of the offload rows: the fraction of the optimizer they offload
     offload_ratio: float = 1.0
@@ -178,6 +181,11 @@ class Workload:
             "keep_last", int, lambda keep_last: keep_last >= 0,
             "keep_last (--keep-last) must be a whole number of blocks >= 0 that keep their activations under swap "
             f"and memo, or None (no --keep-last) for the default {KEEP_LAST}",
+        )  # fmt: skip
+        check(
+            "restore_buffers", int, lambda buffers: buffers in (1, 2),
+            "restore_buffers (--restore-buffers) must be 1 or 2, the device buffers swapped blocks are restored "
+            f"into, or None (no --restore-buffers) for the default {RESTORE_BUFFERS}",
         )  # fmt: skip
         check(
             "alpha", Real, lambda alpha: 0 <= alpha <= 1,
@@ -288,6 +296,7 @@ class Estimate:
                 "wtacrs_keep_ratio": self.workload.wtacrs_keep_ratio,
                 "chunked_loss_tokens": self.workload.chunked_loss,
                 "keep_last": self.workload.keep_last,
+                "restore_buffers": self.workload.restore_buffers,
                 "alpha": self.workload.alpha,
                 "offload_ratio": self.workload.offload_ratio,
             },
@@ -353,7 +362,10 @@ def estimate_module(model: torch.nn.Module, name: str, hardware: Hardware, workl
     with torch.random.fork_rng(devices=[]):  # WTA-CRS layers draw their seeds from the global generator
         trace = trace_step(model, specs, workload.micro_batch, workload.seq, workload.attention)
     blocks = block_activations(trace)
-    timelines = {policy: gpu_timeline(trace, blocks, policy, workload.blocks_kept) for policy in POLICIES}
+    buffers = RESTORE_BUFFERS if workload.restore_buffers is None else workload.restore_buffers
+    timelines = {
+        policy: gpu_timeline(trace, blocks, policy, workload.blocks_kept, buffers, workload.alpha) for policy in POLICIES
+    }
     step = _Step(trace, blocks, timelines, workload)
     configurations = []
     for stage in STAGES:
