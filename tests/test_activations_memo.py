@@ -104,6 +104,21 @@ def test_moved_activations_are_freed(policy, input_freed, activation_freed):
     loss.backward()
 
 
+def test_calibrating_iteration_keeps_no_block_input():
+    """memo's first iteration recomputes its blocks to learn them, but from inputs in host memory
+    (full recomputation would keep every block's input on the device)."""
+    torch.manual_seed(0)
+    model, loss_fn = gpt()
+    manager = apply_activation_memory(model, {"policy": "memo", "alpha": 0.5})
+    block_input = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: block_input.append(weakref.ref(args[0])))
+    loss = loss_fn(model, batches(1)[0])
+    assert manager.records[0].policy == "memo" and not manager.blocks[0].learned  # calibrating
+    assert block_input[0]() is None
+    loss.backward()
+    assert manager.blocks[0].learned
+
+
 def test_gpt_block_layout():
     torch.manual_seed(0)
     model, loss_fn = gpt()

@@ -1,9 +1,11 @@
 """memo's first call of a block for given input shapes: learn what memo needs to run it.
 
-The call runs as full recomputation (so it needs no more memory than that policy) and times
-its forward. Just before its backward, its forward runs again in full (the recomputation, with
-attention calls recorded), then twice on its last few tokens (the probes of layout.py); from
-these the block's layout and its swap sizes are learned, and the manager plans alpha.
+The call runs as full recomputation, its hidden-state input waiting in host memory as memo's
+does (so the first iteration holds no block inputs on the device, and fits wherever memo's later
+iterations do), and times its forward. Just before its backward, the input comes back and the
+forward runs again in full (the recomputation, with attention calls recorded), then twice on its
+last few tokens (the probes of layout.py); from these the block's layout and its swap sizes are
+learned, and the manager plans alpha.
 """
 from __future__ import annotations
 
@@ -66,6 +68,18 @@ class CalibrationRecord(RecomputeRecord):
         self._recorder = AttentionRecorder()
         self._calls_seen = 0
 
+    def hold(self, inputs: BlockInputs) -> BlockInputs:
+        self.share(inputs.secondary())
+        self._hidden_host = self.copy_to_host(inputs.hidden)
+        return inputs.without_hidden()
+
+    def _restore_hidden(self) -> torch.Tensor:
+        host = self._hidden_host
+        hidden = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=self.manager.device)
+        streams = self.manager.streams
+        streams.wait(streams.copy_to_device([(hidden, host)], after=[self.offload_event]))
+        return hidden
+
     def forward_modes(self) -> list:
         return [self._recorder]
 
@@ -99,16 +113,17 @@ class CalibrationRecord(RecomputeRecord):
             if slot is not None:
                 slot.restored = tensor
 
-        args, kwargs = self.inputs.rebuild(self.inputs.hidden)
+        hidden = self._restore_hidden()
+        args, kwargs = self.inputs.rebuild(hidden)
         with self.manager.suspended():
             count = rerun(self.block.module, args, kwargs, self.forward_state, keep, recorder)
         check_same_count(self.block.name, self._count, count)
         if learn:
-            layout = learn_layout(self.block.name, saved, inside, recorder.calls, self._probes(recorder.calls),
-                                  self.inputs.tokens)
-            self.manager.learned(self, layout, self._sizes(layout, saved, recorder.calls))
+            probes = self._probes(hidden, recorder.calls)
+            layout = learn_layout(self.block.name, saved, inside, recorder.calls, probes, self.inputs.tokens)
+            self.manager.learned(self, layout, self._sizes(layout, saved, hidden, recorder.calls))
 
-    def _probes(self, calls: Sequence[AttentionCall]) -> list[Probe]:
+    def _probes(self, hidden: torch.Tensor, calls: Sequence[AttentionCall]) -> list[Probe]:
         tokens = self.inputs.tokens
         if tokens < MIN_TOKENS:
             return []
@@ -117,8 +132,8 @@ class CalibrationRecord(RecomputeRecord):
         requires_grad = [call.output_requires_grad for call in calls]
         for count in PROBE_TOKENS:
             start = tokens - count
-            hidden = self.inputs.hidden.narrow(self.manager.config.sequence_dim, start, count)
-            args, kwargs = self.inputs.rebuild(hidden, start, count)
+            rows = hidden.narrow(self.manager.config.sequence_dim, start, count)
+            args, kwargs = self.inputs.rebuild(rows, start, count)
             replay = AttentionReplay(outputs, requires_grad, start, count)
             saved: list[torch.Tensor] = []
             with self.manager.suspended():
@@ -126,12 +141,14 @@ class CalibrationRecord(RecomputeRecord):
             probes.append(Probe(count, saved, replay.calls))
         return probes
 
-    def _sizes(self, layout: BlockLayout, saved: Sequence[torch.Tensor], calls: Sequence[AttentionCall]) -> SwapSizes:
+    def _sizes(
+        self, layout: BlockLayout, saved: Sequence[torch.Tensor], hidden: torch.Tensor, calls: Sequence[AttentionCall]
+    ) -> SwapSizes:
         """Bytes memo would move per call of this block, with the rules MemoRecord packs by."""
         device = self.manager.device
         parameters = parameter_storages(self.block.module)
         shared = self.inputs.secondary()
-        sources = [self.inputs.hidden] + [call.output for call in calls]
+        sources = [hidden] + [call.output for call in calls]
         whole = token = 0
         seen = set()
         for tensor, learned in zip(saved, layout.slots):
@@ -146,7 +163,7 @@ class CalibrationRecord(RecomputeRecord):
             else:
                 token += nbytes(tensor)
         return SwapSizes(
-            hidden_bytes=nbytes(self.inputs.hidden),
+            hidden_bytes=nbytes(hidden),
             attention_bytes=sum(nbytes(call.output) for call in calls),
             whole_bytes=whole,
             token_bytes=token,

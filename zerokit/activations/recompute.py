@@ -31,11 +31,15 @@ class RecomputeRecord(BlockRecord):
 
     def __init__(self, manager: "ActivationManager", block: "ManagedBlock", inputs: BlockInputs, sequence: int):
         super().__init__(manager, block, inputs, sequence)
-        self.inputs = inputs
         self.forward_state = ForwardState.capture(manager.device)
+        self.inputs = self.hold(inputs)
+
+    def hold(self, inputs: BlockInputs) -> BlockInputs:
+        """Keep what the block runs again from: here its inputs, on the device."""
         self.share([leaf for leaf in inputs.leaves if isinstance(leaf, torch.Tensor)])
-        if inputs.hidden.device == manager.device:
+        if inputs.hidden.device == self.manager.device:
             self.account("kept", inputs.hidden)
+        return inputs
 
     def pack(self, tensor: torch.Tensor) -> SavedSlot:
         index = self.next_index()
