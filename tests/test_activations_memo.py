@@ -249,6 +249,32 @@ def test_kv_cache_is_refused_when_blocks_run_again():
         model(input_ids=batches(1)[0], use_cache=True)
 
 
+class _ChangesOnRerun(nn.Module):
+    """Concatenates its input with itself on every second call: a forward run again differs."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls % 2 == 0:
+            x = torch.cat([x, x], dim=1)
+        return torch.relu(self.linear(x))[:, : 4]
+
+
+def test_recomputation_refuses_a_forward_that_changed():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.blocks = nn.ModuleList([_ChangesOnRerun(), _ChangesOnRerun()])
+    apply_activation_memory(model, {"policy": "recompute"})
+    x = torch.randn(2, 4, 8)
+    loss = model.blocks[1](model.blocks[0](x)).sum()
+    with pytest.raises(RuntimeError, match=r"saved tensor \d+ as \(2, 4, 8\) .* but \(2, 8, 8\) .* when run again"):
+        loss.backward()
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="activation_memory.policy='fast'"):
         ActivationMemoryConfig(policy="fast")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import itertools
 import statistics
 import sys
 import weakref
@@ -45,7 +44,6 @@ from zerokit.activations.record import BlockRecord, BlockReport, RecordState
 from zerokit.activations.recompute import KeepRecord, RecomputeRecord
 from zerokit.activations.streams import SwapStreams
 from zerokit.activations.swap import SwapRecord
-
 
 
 @dataclass

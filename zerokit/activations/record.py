@@ -3,9 +3,9 @@
 [Note: saved tensor hooks]
 While a block's forward runs, autograd hands every tensor it saves for backward to the record's
 pack hook, which returns a SavedSlot; in backward the unpack hook turns the slot back into a
-tensor. The block's parameters (and views of them) are never copied: the ZeRO-3 engine frees and regathers
-their storage, and a kept reference sees the regathered values. Secondary inputs (masks, rotary
-tables, position ids) are shared by all blocks and kept as references too.
+tensor. The block's parameters (and views of them) are never copied: the ZeRO-3 engine frees and
+regathers their storage, and a kept reference sees the regathered values. Secondary inputs
+(masks, rotary tables, position ids) are shared by all blocks and kept as references too.
 
 A record's life: FORWARD (its forward runs) -> STORED (activations swapped, dropped or kept per
 policy) -> PREFETCHED (copies back to the device issued) -> READY (every saved tensor on the
