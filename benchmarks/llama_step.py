@@ -68,6 +68,28 @@ def make_optimizer(params, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, **({"fused": True} if fused else {}))
 
 
+def single_gpu_engine(activation_memory: dict | None, chunked_loss: int | None = None):
+    """zerokit on cuda:0 as a world of one (ZeRO-3, bf16, micro-batch 1) around the 0.95 B model,
+    its loss over chunks of `chunked_loss` tokens where given: the one-GPU activation benchmarks'
+    setup."""
+    import zerokit
+
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29561"), ("RANK", "0"), ("WORLD_SIZE", "1"),
+                        ("LOCAL_RANK", "0")):  # fmt: skip
+        os.environ.setdefault(name, value)
+    torch.cuda.set_device(0)
+    model = build_model("0.95b", torch.device("cuda"), False)
+    if chunked_loss:
+        from zerokit.nn import ChunkedLossCausalLM
+
+        model = ChunkedLossCausalLM(model, chunk_tokens=chunked_loss)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "bf16": {"enabled": True},
+              "zero_optimization": {"stage": 3}}  # fmt: skip
+    if activation_memory is not None:
+        config["activation_memory"] = activation_memory
+    return zerokit.initialize(model, make_optimizer(model.parameters(), True), config)
+
+
 def loss_of(output) -> torch.Tensor:
     """The loss of a model's output: a Hugging Face output's, or the tensor a chunked loss returns."""
     return output if isinstance(output, torch.Tensor) else output.loss

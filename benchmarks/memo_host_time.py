@@ -23,8 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import zerokit  # noqa: E402
-from llama_step import build_model, loss_of, make_optimizer  # noqa: E402
+from llama_step import loss_of, single_gpu_engine  # noqa: E402
 
 
 def main() -> None:
@@ -35,21 +34,11 @@ def main() -> None:
     parser.add_argument("--keep-last", type=int, help="blocks at the end that keep their activations (default 2)")
     parser.add_argument("--chunked", type=int, metavar="TOKENS", help="the loss over chunks of this many tokens")
     args = parser.parse_args()
-    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29571"), ("RANK", "0"), ("WORLD_SIZE", "1"),
-                        ("LOCAL_RANK", "0")):  # fmt: skip
-        os.environ.setdefault(name, value)
-    torch.cuda.set_device(0)
-    model = build_model("0.95b", torch.device("cuda"), False)
-    if args.chunked:
-        from zerokit.nn import ChunkedLossCausalLM
-
-        model = ChunkedLossCausalLM(model, chunk_tokens=args.chunked)
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "bf16": {"enabled": True},
-              "zero_optimization": {"stage": 3}}  # fmt: skip
+    section = None
     if args.policy != "none":
         options = {"keep_last": args.keep_last} if args.keep_last is not None else {}
-        config["activation_memory"] = {"policy": args.policy, "alpha": args.alpha, **options}
-    engine = zerokit.initialize(model, make_optimizer(model.parameters(), True), config)
+        section = {"policy": args.policy, "alpha": args.alpha, **options}
+    engine = single_gpu_engine(section, args.chunked)
 
     def tokens(index: int) -> torch.Tensor:
         generator = torch.Generator("cuda").manual_seed(index)

@@ -24,8 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import zerokit  # noqa: E402
-from llama_step import build_model, make_optimizer  # noqa: E402
+from llama_step import single_gpu_engine  # noqa: E402
 
 GiB = 2**30
 
@@ -36,14 +35,8 @@ def main() -> None:
     parser.add_argument("--policy", default="memo", choices=("memo", "recompute", "swap", "none"))
     parser.add_argument("--iterations", type=int, default=4)
     args = parser.parse_args()
-    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29561"), ("RANK", "0"), ("WORLD_SIZE", "1"),
-                        ("LOCAL_RANK", "0")):  # fmt: skip
-        os.environ.setdefault(name, value)
-    torch.cuda.set_device(0)
-    model = build_model("0.95b", torch.device("cuda"), False)
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "bf16": {"enabled": True},
-              "zero_optimization": {"stage": 3}, "activation_memory": {"policy": args.policy}}  # fmt: skip
-    engine = zerokit.initialize(model, make_optimizer(model.parameters(), True), config)
+    engine = single_gpu_engine({"policy": args.policy})
+    model = engine.module
 
     def step(index: int) -> dict:
         tokens = torch.randint(0, 32000, (1, args.seq), device="cuda", generator=torch.Generator("cuda").manual_seed(index))

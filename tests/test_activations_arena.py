@@ -16,19 +16,26 @@ from zerokit.activations import apply_activation_memory
 from zerokit.activations.arena import ALIGNMENT, RestoreArena
 
 
-@pytest.mark.parametrize("policy", ["swap", "memo"])
-def test_restores_are_prefetched_into_the_buffers(policy):
+def _train_every_block_swapped(policy: str, restore_buffers: int):
+    """Three iterations of the example GPT with every block under `policy`, checked against the
+    plain run: the manager, the iterations that restored (memo learns in the first) and the
+    buffers' size while the first block's weight gradient is computed (the blocks' backward)."""
     torch.manual_seed(0)
     model, loss_fn = gpt()
     inputs = batches(3)
     expected = train(copy.deepcopy(model), loss_fn, inputs)
-    manager = apply_activation_memory(model, {"policy": policy, "alpha": 0.5, "keep_last": 0})
-    # the buffers' size while the first block's weight gradient is computed (the blocks' backward)
+    config = {"policy": policy, "alpha": 0.5, "keep_last": 0, "restore_buffers": restore_buffers}
+    manager = apply_activation_memory(model, config)
     during_backward = []
     first_weight = next(model.blocks[0].parameters())
     first_weight.register_hook(lambda grad: during_backward.append(manager.restore_buffer_bytes()))
     assert_same(expected, train(model, loss_fn, inputs))
-    iterations = 3 if policy == "swap" else 2  # memo learns in the first
+    return manager, 3 if policy == "swap" else 2, during_backward[-1]
+
+
+@pytest.mark.parametrize("policy", ["swap", "memo"])
+def test_restores_are_prefetched_into_the_buffers(policy):
+    manager, iterations, buffer_bytes = _train_every_block_swapped(policy, 2)
     counts = manager.restore_counts
     # the last block restores when its backward starts; each earlier one during the next one's
     assert counts["on_demand"] == iterations and counts["prefetched"] == 3 * iterations
@@ -37,25 +44,16 @@ def test_restores_are_prefetched_into_the_buffers(policy):
     for record_plan in manager.arena._plans.values():
         verify_plan(record_plan)
         plans[record_plan.peak_bytes] = record_plan
-    assert during_backward[-1] == 2 * max(plans)
+    assert buffer_bytes == 2 * max(plans)
     assert manager.restore_buffer_bytes() == 0  # let go after the backward, for the next forward
 
 
 @pytest.mark.parametrize("policy", ["swap", "memo"])
 def test_one_restore_buffer_restores_each_block_after_the_next_ones_backward(policy):
-    torch.manual_seed(0)
-    model, loss_fn = gpt()
-    inputs = batches(3)
-    expected = train(copy.deepcopy(model), loss_fn, inputs)
-    manager = apply_activation_memory(model, {"policy": policy, "alpha": 0.5, "keep_last": 0, "restore_buffers": 1})
-    during_backward = []
-    first_weight = next(model.blocks[0].parameters())
-    first_weight.register_hook(lambda grad: during_backward.append(manager.restore_buffer_bytes()))
-    assert_same(expected, train(model, loss_fn, inputs))
-    iterations = 3 if policy == "swap" else 2
+    manager, iterations, buffer_bytes = _train_every_block_swapped(policy, 1)
     # nothing is prefetched: each block restores into the one buffer when its backward starts
     assert manager.restore_counts == {"on_demand": 4 * iterations, "restore_buffer": 4 * iterations}
-    assert during_backward[-1] == max(plan.peak_bytes for plan in manager.arena._plans.values())
+    assert buffer_bytes == max(plan.peak_bytes for plan in manager.arena._plans.values())
 
 
 def test_kept_last_blocks_prefetch_the_first_swapped_one():

@@ -13,6 +13,11 @@ from zerokit.activations.slots import SavedSlot, Storage
 if TYPE_CHECKING:
     from zerokit.activations.manager import ActivationManager, ManagedBlock
 
+_SAME_WORK = (
+    "recomputation needs a forward that does the same work every time (no branches on data or state that "
+    "changed in between)."
+)
+
 
 class KeepRecord(BlockRecord):
     """Autograd keeps the block's saved tensors as usual: no hooks, nothing to report."""
@@ -83,9 +88,3 @@ def check_same_count(block_name: str, forward: int, again: int) -> None:
             f"block {block_name} saved {forward} tensors for backward in its forward but {again} when run again; "
             f"{_SAME_WORK}"
         )
-
-
-_SAME_WORK = (
-    "recomputation needs a forward that does the same work every time (no branches on data or state that "
-    "changed in between)."
-)

@@ -70,6 +70,15 @@ def _start_copy_to_host(recorded: list[_Recorded]) -> tuple[Tensor, Optional[tor
     return host, copied
 
 
+def _check_same_length(store: Tensor, tokens: int) -> None:
+    if store.shape[1] != tokens:
+        raise ValueError(
+            f"the gradient-norm cache holds {store.shape[1]} tokens per sample but this batch has {tokens}: with "
+            "dataset_size set every sample must have the same length (use dataset_size=None for samples of "
+            "varying length)"
+        )
+
+
 class GradNormCache:
     """Per-layer, per-sample, per-token ‖∇Z‖ from the last time each sample was seen."""
 
@@ -102,12 +111,7 @@ class GradNormCache:
             return None
         out = torch.empty(len(indices), tokens, dtype=_STORE_DTYPE, pin_memory=pinned)
         if isinstance(store, Tensor):
-            if store.shape[1] != tokens:
-                raise ValueError(
-                    f"the gradient-norm cache holds {store.shape[1]} tokens per sample but this batch has {tokens}: "
-                    "with dataset_size set every sample must have the same length (use dataset_size=None for "
-                    "samples of varying length)"
-                )
+            _check_same_length(store, tokens)
             return torch.index_select(store, 0, indices, out=out)
         unknown = None
         rows = []
@@ -156,12 +160,7 @@ class GradNormCache:
         store = self._stores.get(slot)
         if store is None:
             store = self._stores[slot] = torch.zeros(self.dataset_size, norms.shape[1], dtype=_STORE_DTYPE)
-        if store.shape[1] != norms.shape[1]:
-            raise ValueError(
-                f"the gradient-norm cache holds {store.shape[1]} tokens per sample but a batch had "
-                f"{norms.shape[1]}: with dataset_size set every sample must have the same length "
-                "(use dataset_size=None for samples of varying length)"
-            )
+        _check_same_length(store, norms.shape[1])
         store[indices] = norms
 
     @property

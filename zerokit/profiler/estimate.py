@@ -207,6 +207,11 @@ class Workload:
         """Blocks that keep their activations under swap and memo."""
         return KEEP_LAST if self.keep_last is None else self.keep_last
 
+    @property
+    def buffers_restored_into(self) -> int:
+        """Restore buffers of swap and memo."""
+        return RESTORE_BUFFERS if self.restore_buffers is None else self.restore_buffers
+
 
 @dataclass(frozen=True)
 class Configuration:
@@ -362,10 +367,8 @@ def estimate_module(model: torch.nn.Module, name: str, hardware: Hardware, workl
     with torch.random.fork_rng(devices=[]):  # WTA-CRS layers draw their seeds from the global generator
         trace = trace_step(model, specs, workload.micro_batch, workload.seq, workload.attention)
     blocks = block_activations(trace)
-    buffers = RESTORE_BUFFERS if workload.restore_buffers is None else workload.restore_buffers
-    timelines = {
-        policy: gpu_timeline(trace, blocks, policy, workload.blocks_kept, buffers, workload.alpha) for policy in POLICIES
-    }
+    options = (workload.blocks_kept, workload.buffers_restored_into, workload.alpha)
+    timelines = {policy: gpu_timeline(trace, blocks, policy, *options) for policy in POLICIES}
     step = _Step(trace, blocks, timelines, workload)
     configurations = []
     for stage in STAGES:
