@@ -21,7 +21,7 @@ from zerokit.activations.layout import MIN_TOKENS, PROBE_TOKENS, BlockLayout, Pr
 from zerokit.activations.recompute import RecomputeRecord, check_same_count
 from zerokit.activations.rerun import rerun
 from zerokit.activations.slots import Storage
-from zerokit.activations.tensors import contains, nbytes, parameter_storages, storage_ptr, view_key
+from zerokit.activations.tensors import contains, empty_like_layout, nbytes, parameter_storages, storage_ptr, view_key
 
 if TYPE_CHECKING:
     from zerokit.activations.manager import ActivationManager, ManagedBlock
@@ -74,10 +74,9 @@ class CalibrationRecord(RecomputeRecord):
         return inputs.without_hidden()
 
     def _restore_hidden(self) -> torch.Tensor:
-        host = self._hidden_host
-        hidden = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=self.manager.device)
+        hidden = empty_like_layout(self._hidden_host, device=self.manager.device)
         streams = self.manager.streams
-        streams.wait(streams.copy_to_device([(hidden, host)], after=[self.offload_event]))
+        streams.wait(streams.copy_to_device([(hidden, self._hidden_host)], after=[self.offload_event]))
         return hidden
 
     def forward_modes(self) -> list:
